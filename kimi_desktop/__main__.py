@@ -1,0 +1,3 @@
+from kimi_desktop.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Bytes on disk -> weights in memory: safetensors mmap reader, weight formats, expert store."""

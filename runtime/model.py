@@ -1,0 +1,411 @@
+"""Kimi K2 / DeepSeek-V3 forward pass in numpy, over weights that stay in their stored format.
+
+Shapes: T = tokens in this call, N = tokens in the cache (incl. these), D = hidden_size,
+H = heads, R = kv_lora_rank, P = qk_rope_head_dim, C = qk_nope_head_dim, V = v_head_dim,
+E = routed experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from kimi_desktop.offload.formats import QuantConfig, load_linear
+from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
+
+from .config import ModelConfig, load_config
+from .rope import Rope, softmax_scale
+
+ATTN_IMPLS = ("auto", "naive", "absorb")
+
+
+class Linear(Protocol):
+    shape: tuple[int, int]
+
+    def matmul(self, x: np.ndarray) -> np.ndarray: ...
+
+    def dequantize(self, rows: slice | None = None) -> np.ndarray: ...
+
+
+def linear(w: Linear, x: np.ndarray) -> np.ndarray:
+    """x [T, in] float32 -> [T, out] float32: the single dispatch point for weight products."""
+    return w.matmul(x)
+
+
+def as_f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+class Lazy:
+    """A weight checked at open (headers only) and mapped on first use, so opening reads no data."""
+
+    def __init__(self, make: Callable):
+        self._make, self._value = make, None
+
+    def __call__(self):
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+
+def vector(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> Lazy:
+    """A small tensor (norm weight, router bias) as float32."""
+    ckpt.require(name, shape=shape)
+    return Lazy(lambda: as_f32(ckpt.get(name)))
+
+
+def lazy_linear(ckpt: Checkpoint, prefix: str, qcfg: QuantConfig, shape: tuple[int, int]) -> Lazy:
+    check_linear_headers(ckpt, prefix, qcfg, shape)
+    return Lazy(lambda: load_linear(ckpt, prefix, qcfg, shape))
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+class LatentCache:
+    """Per layer, per token: the normalised latent c_kv [R] and the rotated shared k_pe [P]."""
+
+    def __init__(self, n_layers: int, r: int, p: int, capacity: int = 256):
+        self.len = 0
+        self.kv = [np.zeros((capacity, r), np.float32) for _ in range(n_layers)]
+        self.pe = [np.zeros((capacity, p), np.float32) for _ in range(n_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.kv[0].shape[0] if self.kv else 0
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        cap = max(n, 2 * self.capacity)
+        for store in (self.kv, self.pe):
+            for i, a in enumerate(store):
+                grown = np.zeros((cap, a.shape[1]), np.float32)
+                grown[: self.len] = a[: self.len]
+                store[i] = grown
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.kv) + sum(a.nbytes for a in self.pe)
+
+
+class Attention:
+    """Multi-head latent attention; `naive` expands the latent, `absorb` folds kv_b into q and out."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, qcfg: QuantConfig, i: int, rope: Rope):
+        p = f"model.layers.{i}.self_attn."
+        self.cfg, self.rope, self.layer = cfg, rope, i
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        R, P, C, V = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = lazy_linear(ckpt, p + "q_a_proj", qcfg, (cfg.q_lora_rank, D))
+            self.q_a_layernorm = vector(ckpt, p + "q_a_layernorm.weight", (cfg.q_lora_rank,))
+            self.q_b_proj = lazy_linear(ckpt, p + "q_b_proj", qcfg, (H * (C + P), cfg.q_lora_rank))
+        else:
+            self.q_proj = lazy_linear(ckpt, p + "q_proj", qcfg, (H * (C + P), D))
+        self.kv_a_proj_with_mqa = lazy_linear(ckpt, p + "kv_a_proj_with_mqa", qcfg, (R + P, D))
+        self.kv_a_layernorm = vector(ckpt, p + "kv_a_layernorm.weight", (R,))
+        self.kv_b_proj = lazy_linear(ckpt, p + "kv_b_proj", qcfg, (H * (C + V), R))
+        self.o_proj = lazy_linear(ckpt, p + "o_proj", qcfg, (D, H * V))
+        self.scale = np.float32(softmax_scale(cfg))
+
+    def __call__(self, x: np.ndarray, cache: LatentCache, start: int, impl: str) -> np.ndarray:
+        cfg = self.cfg
+        T = x.shape[0]
+        H, R, P, C, V = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                         cfg.qk_nope_head_dim, cfg.v_head_dim)
+        eps = cfg.rms_norm_eps
+        pos = np.arange(start, start + T)
+        if cfg.q_lora_rank:
+            q = linear(self.q_b_proj(), rms_norm(linear(self.q_a_proj(), x), self.q_a_layernorm(), eps))
+        else:
+            q = linear(self.q_proj(), x)
+        q = q.reshape(T, H, C + P)                                   # [T, H, C+P]
+        q_nope, q_pe = q[..., :C], self.rope.apply(q[..., C:], pos)
+        ckv = linear(self.kv_a_proj_with_mqa(), x)                     # [T, R+P]
+        cache.kv[self.layer][start:start + T] = rms_norm(ckv[:, :R], self.kv_a_layernorm(), eps)
+        cache.pe[self.layer][start:start + T] = self.rope.apply(ckv[:, R:], pos)
+        N = start + T
+        kv, pe = cache.kv[self.layer][:N], cache.pe[self.layer][:N]  # [N, R], [N, P]
+        # causal: query t (position start+t) sees keys 0..start+t
+        mask = np.arange(N)[None, :] > pos[:, None]                  # [T, N]
+        if impl == "auto":
+            impl = "absorb" if T == 1 else "naive"
+        if impl == "naive":
+            kvb = linear(self.kv_b_proj(), kv).reshape(N, H, C + V)    # [N, H, C+V]
+            k_nope, v = kvb[..., :C], kvb[..., C:]
+            scores = (np.einsum("thc,nhc->htn", q_nope, k_nope)
+                      + np.einsum("thp,np->htn", q_pe, pe)) * self.scale
+            scores[:, mask] = -np.inf
+            out = np.einsum("htn,nhv->thv", softmax(scores), v)      # [T, H, V]
+        elif impl == "absorb":
+            w = self.kv_b_proj().dequantize().reshape(H, C + V, R)     # per call: a small [H, C+V, R] temporary
+            q_lat = np.einsum("thc,hcr->thr", q_nope, w[:, :C])      # [T, H, R]
+            scores = (np.einsum("thr,nr->htn", q_lat, kv)
+                      + np.einsum("thp,np->htn", q_pe, pe)) * self.scale
+            scores[:, mask] = -np.inf
+            o_lat = np.einsum("htn,nr->thr", softmax(scores), kv)    # [T, H, R]
+            out = np.einsum("thr,hvr->thv", o_lat, w[:, C:])         # [T, H, V]
+        else:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        return linear(self.o_proj(), np.ascontiguousarray(out.reshape(T, H * V), dtype=np.float32))
+
+
+class MLP:
+    def __init__(self, ckpt: Checkpoint, qcfg: QuantConfig, prefix: str, hidden: int, inter: int):
+        self.gate_proj = lazy_linear(ckpt, prefix + "gate_proj", qcfg, (inter, hidden))
+        self.up_proj = lazy_linear(ckpt, prefix + "up_proj", qcfg, (inter, hidden))
+        self.down_proj = lazy_linear(ckpt, prefix + "down_proj", qcfg, (hidden, inter))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return expert_mlp(self.gate_proj(), self.up_proj(), self.down_proj(), x)
+
+
+def expert_mlp(gate: Linear, up: Linear, down: Linear, x: np.ndarray) -> np.ndarray:
+    return linear(down, silu(linear(gate, x)) * linear(up, x))
+
+
+def route(logits: np.ndarray, bias: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """noaux_tc routing. logits [T, E] -> (expert ids int64 [T, K], weights float32 [T, K])."""
+    T, E = logits.shape
+    scores = 1.0 / (1.0 + np.exp(-logits))                          # [T, E]
+    choice = scores + bias                                          # bias only picks, never weighs
+    if cfg.n_group > 1:
+        grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)
+        group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(-1)  # [T, G]: sum of top-2 per group
+        keep = np.argsort(-group_scores, axis=-1, kind="stable")[:, : cfg.topk_group]
+        group_mask = np.zeros((T, cfg.n_group), bool)
+        np.put_along_axis(group_mask, keep, True, axis=-1)
+        choice = np.where(np.repeat(group_mask, E // cfg.n_group, axis=-1), choice, -np.inf)
+    idx = np.argsort(-choice, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok]
+    w = np.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + np.float32(1e-20))
+    return idx, (w * np.float32(cfg.routed_scaling_factor)).astype(np.float32)
+
+
+ExpertTriple = tuple[Linear, Linear, Linear]
+
+
+class CheckpointExperts:
+    """Routed experts read straight from the checkpoint (mmap); the expert store replaces this."""
+
+    def __init__(self, ckpt: Checkpoint, qcfg: QuantConfig, cfg: ModelConfig):
+        self.ckpt, self.qcfg, self.cfg = ckpt, qcfg, cfg
+
+    def get(self, layer: int, e: int) -> ExpertTriple:
+        p = f"model.layers.{layer}.mlp.experts.{e}."
+        D, I = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        return (load_linear(self.ckpt, p + "gate_proj", self.qcfg, (I, D)),
+                load_linear(self.ckpt, p + "up_proj", self.qcfg, (I, D)),
+                load_linear(self.ckpt, p + "down_proj", self.qcfg, (D, I)))
+
+
+class MoE:
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, qcfg: QuantConfig, i: int, experts):
+        p = f"model.layers.{i}.mlp."
+        D, E = cfg.hidden_size, cfg.n_routed_experts
+        self.cfg, self.layer, self.experts = cfg, i, experts
+        ckpt.require(p + "gate.weight", shape=(E, D))
+        self.gate = Lazy(lambda: ckpt.get(p + "gate.weight"))                          # [E, D], stored dtype
+        self.bias = vector(ckpt, p + "gate.e_score_correction_bias", (E,))
+        self.shared_experts = (MLP(ckpt, qcfg, p + "shared_experts.", D,
+                                   cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def router_logits(self, x: np.ndarray) -> np.ndarray:
+        return x @ as_f32(self.gate()).T                                # [T, E]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        idx, w = route(self.router_logits(x), self.bias(), self.cfg)    # [T, K]
+        out = np.zeros_like(x)
+        # group tokens by expert so each expert's weights are touched once per call
+        for e in np.unique(idx):
+            rows, k = np.nonzero(idx == e)
+            y = expert_mlp(*self.experts.get(self.layer, int(e)), x[rows])
+            out[rows] += w[rows, k, None] * y
+        if self.shared_experts is not None:
+            out += self.shared_experts(x)
+        return out
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, qcfg: QuantConfig, i: int, rope: Rope, experts):
+        p = f"model.layers.{i}."
+        D = cfg.hidden_size
+        self.input_layernorm = vector(ckpt, p + "input_layernorm.weight", (D,))
+        self.post_attention_layernorm = vector(ckpt, p + "post_attention_layernorm.weight", (D,))
+        self.self_attn = Attention(cfg, ckpt, qcfg, i, rope)
+        self.mlp = (MoE(cfg, ckpt, qcfg, i, experts) if cfg.is_moe_layer(i)
+                    else MLP(ckpt, qcfg, p + "mlp.", D, cfg.intermediate_size))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: np.ndarray, cache: LatentCache, start: int, impl: str) -> np.ndarray:
+        h = x + self.self_attn(rms_norm(x, self.input_layernorm(), self.eps), cache, start, impl)
+        return h + self.mlp(rms_norm(h, self.post_attention_layernorm(), self.eps))
+
+
+def _im_end_id(folder: Path) -> int | None:
+    """<|im_end|> from tokenizer_config.json if the folder has one (chat turns end there)."""
+    try:
+        tc = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for k, v in (tc.get("added_tokens_decoder") or {}).items():
+            if isinstance(v, dict) and v.get("content") == "<|im_end|>":
+                return int(k)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class Model:
+    def __init__(self, folder: Path, cfg: ModelConfig, ckpt: Checkpoint, attn_impl: str = "auto",
+                 experts=None):
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.folder, self.cfg, self.ckpt, self.attn_impl = folder, cfg, ckpt, attn_impl
+        self.qcfg = QuantConfig.from_config(cfg.raw, str(folder / "config.json"))
+        self.experts = experts or CheckpointExperts(ckpt, self.qcfg, cfg)
+        D, Vocab = cfg.hidden_size, cfg.vocab_size
+        self.rope = Rope(cfg)
+        ckpt.require("model.embed_tokens.weight", shape=(Vocab, D))
+        self.layers = [DecoderLayer(cfg, ckpt, self.qcfg, i, self.rope, self.experts)
+                       for i in range(cfg.num_hidden_layers)]
+        self.norm = vector(ckpt, "model.norm.weight", (D,))
+        if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt:
+            self.lm_head = lazy_linear(ckpt, "model.embed_tokens", self.qcfg, (Vocab, D))
+        else:
+            self.lm_head = lazy_linear(ckpt, "lm_head", self.qcfg, (Vocab, D))
+        im_end = _im_end_id(folder)
+        self.end_ids = frozenset(cfg.eos_ids + ((im_end,) if im_end is not None else ()))
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        """Every routed expert's tensors exist with the right shapes (headers only, no data)."""
+        cfg, qcfg, ckpt = self.cfg, self.qcfg, self.ckpt
+        D, I = cfg.hidden_size, cfg.moe_intermediate_size
+        for i in range(cfg.num_hidden_layers):
+            if not cfg.is_moe_layer(i):
+                continue
+            for e in range(cfg.n_routed_experts):
+                p = f"model.layers.{i}.mlp.experts.{e}."
+                for name, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+                    check_linear_headers(ckpt, p + name, qcfg, shape)
+
+    def session(self) -> "Session":
+        return Session(self)
+
+    def forward(self, ids: np.ndarray, cache: LatentCache, start: int, logits: str = "last") -> np.ndarray | None:
+        """ids [T] at positions start.. -> logits [T, vocab] ("all"), [1, vocab] ("last") or None ("none")."""
+        x = as_f32(self.ckpt.get("model.embed_tokens.weight")[ids])                           # [T, D]
+        for layer in self.layers:
+            x = layer(x, cache, start, self.attn_impl)
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = x[-1:]
+        return linear(self.lm_head(), rms_norm(x, self.norm(), self.cfg.rms_norm_eps))
+
+    def logits(self, token_ids) -> np.ndarray:
+        return self.session().feed(token_ids, all_logits=True)
+
+    def generate(self, token_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Iterator[int]:
+        rng = np.random.default_rng(seed)
+        s = self.session()
+        logits = s.feed(token_ids)
+        for _ in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, rng)
+            yield tok
+            if tok in self.end_ids:
+                return
+            logits = s.feed([tok])
+
+
+def check_linear_headers(ckpt: Checkpoint, prefix: str, qcfg: QuantConfig, shape: tuple[int, int]) -> None:
+    out, inp = shape
+    if qcfg.kind(prefix) == "int4":
+        g = qcfg.group_size
+        ckpt.require(prefix + ".weight_packed", dtype="I32", shape=(out, -(-inp // 8)))
+        ckpt.require(prefix + ".weight_scale", shape=(out, inp // g))
+    else:
+        info = ckpt.require(prefix + ".weight", shape=shape)
+        if info.dtype == "F8_E4M3":
+            b0, b1 = qcfg.block_size
+            ckpt.require(prefix + ".weight_scale_inv", dtype="F32", shape=(-(-out // b0), -(-inp // b1)))
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    p = softmax(logits.astype(np.float64) / temperature)
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+class Session:
+    """A conversation's latent KV cache; `feed` appends tokens, `truncate` keeps a prefix."""
+
+    def __init__(self, model: Model, chunk: int = 512):
+        cfg = model.cfg
+        self.model, self.chunk = model, chunk
+        self.cache = LatentCache(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        self.tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def feed(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        ids = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids, np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("feed() needs a non-empty 1-D sequence of token ids")
+        vocab = self.model.cfg.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"token id out of range 0..{vocab - 1}: {int(ids.min())}..{int(ids.max())}")
+        self.cache.reserve(len(self.tokens) + ids.size)
+        outs = []
+        for c in range(0, ids.size, self.chunk):
+            part = ids[c:c + self.chunk]
+            last = c + self.chunk >= ids.size
+            want = "all" if all_logits else ("last" if last else "none")
+            out = self.model.forward(part, self.cache, len(self.tokens), want)
+            if out is not None:
+                outs.append(out)
+            self.tokens.extend(int(t) for t in part)
+            self.cache.len = len(self.tokens)
+        return np.concatenate(outs) if all_logits else outs[-1][0]
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"truncate({n}): session holds {len(self.tokens)} tokens")
+        del self.tokens[n:]
+        self.cache.len = n
+
+
+def load_model(path: str | Path, attn_impl: str = "auto", experts=None) -> Model:
+    """Open a checkpoint folder by mmap; reads headers and config, no tensor data."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    cfg = load_config(folder)
+    ckpt = Checkpoint(folder)
+    return Model(folder, cfg, ckpt, attn_impl=attn_impl, experts=experts)

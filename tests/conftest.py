@@ -1,0 +1,31 @@
+"""Session-scoped fixtures: random checkpoints written by the project's own make-test-model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory):
+    """make_ckpt(layout=..., n_group=..., ...) -> folder; each distinct request is built once per session."""
+    from kimi_desktop.testmodel import make_test_model
+
+    built = {}
+
+    def make(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in built:
+            name = "-".join(f"{k}{v}" for k, v in key) or "default"
+            built[key] = make_test_model(tmp_path_factory.mktemp("ckpt") / name, **kw)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(make_ckpt):
+    return make_ckpt(layout="int4", shards=2)
