@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--flavor", choices=("thinking", "instruct"), default="thinking")
     m.set_defaults(func=cmd_make_test_model)
+
+    from kimi_desktop.chat_cli import register as register_chat
+    from kimi_desktop.gguf_export import register as register_export_gguf
+    from kimi_desktop.offload.prepare import register as register_prepare
+    register_chat(sub)
+    register_export_gguf(sub)
+    register_prepare(sub)
     return ap
 
 

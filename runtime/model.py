@@ -17,6 +17,7 @@ from kimi_desktop.offload.formats import QuantConfig, load_linear
 from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
 from .config import ModelConfig, load_config
+from .profile import timer
 from .rope import Rope, softmax_scale
 
 ATTN_IMPLS = ("auto", "naive", "absorb")
@@ -168,12 +169,14 @@ class Attention:
 
 class MLP:
     def __init__(self, ckpt: Checkpoint, qcfg: QuantConfig, prefix: str, hidden: int, inter: int):
+        self.stage = "shared_expert" if "shared_experts" in prefix else "dense_mlp"
         self.gate_proj = lazy_linear(ckpt, prefix + "gate_proj", qcfg, (inter, hidden))
         self.up_proj = lazy_linear(ckpt, prefix + "up_proj", qcfg, (inter, hidden))
         self.down_proj = lazy_linear(ckpt, prefix + "down_proj", qcfg, (hidden, inter))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return expert_mlp(self.gate_proj(), self.up_proj(), self.down_proj(), x)
+        with timer.stage(self.stage):
+            return expert_mlp(self.gate_proj(), self.up_proj(), self.down_proj(), x)
 
 
 def expert_mlp(gate: Linear, up: Linear, down: Linear, x: np.ndarray) -> np.ndarray:
@@ -232,13 +235,16 @@ class MoE:
         return x @ as_f32(self.gate()).T                                # [T, E]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        idx, w = route(self.router_logits(x), self.bias(), self.cfg)    # [T, K]
+        with timer.stage("router"):
+            idx, w = route(self.router_logits(x), self.bias(), self.cfg)    # [T, K]
         out = np.zeros_like(x)
         # group tokens by expert so each expert's weights are touched once per call
         for e in np.unique(idx):
             rows, k = np.nonzero(idx == e)
-            y = expert_mlp(*self.experts.get(self.layer, int(e)), x[rows])
-            out[rows] += w[rows, k, None] * y
+            with timer.stage("expert_fetch"):
+                triple = self.experts.get(self.layer, int(e))
+            with timer.stage("experts"):
+                out[rows] += w[rows, k, None] * expert_mlp(*triple, x[rows])
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return out
@@ -256,7 +262,8 @@ class DecoderLayer:
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: np.ndarray, cache: LatentCache, start: int, impl: str) -> np.ndarray:
-        h = x + self.self_attn(rms_norm(x, self.input_layernorm(), self.eps), cache, start, impl)
+        with timer.stage("attention"):
+            h = x + self.self_attn(rms_norm(x, self.input_layernorm(), self.eps), cache, start, impl)
         return h + self.mlp(rms_norm(h, self.post_attention_layernorm(), self.eps))
 
 
@@ -318,7 +325,8 @@ class Model:
             return None
         if logits == "last":
             x = x[-1:]
-        return linear(self.lm_head(), rms_norm(x, self.norm(), self.cfg.rms_norm_eps))
+        with timer.stage("lm_head"):
+            return linear(self.lm_head(), rms_norm(x, self.norm(), self.cfg.rms_norm_eps))
 
     def logits(self, token_ids) -> np.ndarray:
         return self.session().feed(token_ids, all_logits=True)
