@@ -31,6 +31,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("native", "llama.cpp", "remote"), default="native")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--expert-cache-gb", type=float, default=None,
+                   help="RAM for a routed-expert cache read with preadv (default: none, the OS page cache)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -58,6 +60,8 @@ def cmd_chat(args) -> int:
                         max_tokens=args.max_tokens, seed=args.seed)
     sampling.validate()
     opts = {"ctx": args.ctx} if args.ctx else {}
+    if args.expert_cache_gb is not None:
+        opts["expert_cache_bytes"] = int(args.expert_cache_gb * (1 << 30))
     engine = open_engine(args.engine, path, **opts)
     color = sys.stdout.isatty() and not args.no_color
     try:

@@ -23,13 +23,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer)")
     src.add_argument("--demo", action="store_true", help="use the built-in tiny demo model (made on first use)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--expert-cache-gb", type=float, default=None,
+                   help="RAM for a routed-expert cache read with preadv (default: none, the OS page cache)")
 
 
 def cmd_generate(args) -> int:
     from kimi_desktop.runtime import load_model
 
     path = _model_path(args)
-    model = load_model(path)
+    budget = None if args.expert_cache_gb is None else int(args.expert_cache_gb * (1 << 30))
+    model = load_model(path, expert_cache_bytes=budget)
     tok = None
     if args.prompt is not None:
         from kimi_desktop.runtime import load_tokenizer

@@ -21,6 +21,7 @@ from .profile import timer
 from .rope import Rope, softmax_scale
 
 ATTN_IMPLS = ("auto", "naive", "absorb")
+PREFETCH_MAX_TOKENS = 4         # decode-sized calls; prefill reads every expert of a layer anyway
 
 
 class Linear(Protocol):
@@ -224,6 +225,7 @@ class MoE:
         p = f"model.layers.{i}.mlp."
         D, E = cfg.hidden_size, cfg.n_routed_experts
         self.cfg, self.layer, self.experts = cfg, i, experts
+        self.next_moe: MoE | None = None          # set when the store can prefetch
         ckpt.require(p + "gate.weight", shape=(E, D))
         self.gate = Lazy(lambda: ckpt.get(p + "gate.weight"))                          # [E, D], stored dtype
         self.bias = vector(ckpt, p + "gate.e_score_correction_bias", (E,))
@@ -234,17 +236,37 @@ class MoE:
     def router_logits(self, x: np.ndarray) -> np.ndarray:
         return x @ as_f32(self.gate()).T                                # [T, E]
 
+    def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return route(self.router_logits(x), self.bias(), self.cfg)
+
+    def fetch(self, ids: np.ndarray):
+        """(expert id, Linear triple) for each id; a store reads all of a layer's misses at once."""
+        get_many = getattr(self.experts, "get_many", None)
+        if get_many is not None:
+            return get_many(self.layer, ids)
+        return ((int(e), self.experts.get(self.layer, int(e))) for e in ids)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with timer.stage("router"):
-            idx, w = route(self.router_logits(x), self.bias(), self.cfg)    # [T, K]
+            idx, w = self.route(x)                                    # [T, K]
+            if self.next_moe is not None and x.shape[0] <= PREFETCH_MAX_TOKENS:
+                # the next layer's router on this hidden state guesses its experts: read them
+                # while this layer computes (the store only uses spare I/O for it)
+                guess = np.unique(self.next_moe.route(x)[0])
+                self.experts.prefetch(self.next_moe.layer, guess.tolist())
         out = np.zeros_like(x)
         # group tokens by expert so each expert's weights are touched once per call
-        for e in np.unique(idx):
-            rows, k = np.nonzero(idx == e)
+        fetched = self.fetch(np.unique(idx))
+        while True:
             with timer.stage("expert_fetch"):
-                triple = self.experts.get(self.layer, int(e))
+                item = next(fetched, None)
+            if item is None:
+                break
+            e, triple = item
             with timer.stage("experts"):
+                rows, k = np.nonzero(idx == e)
                 out[rows] += w[rows, k, None] * expert_mlp(*triple, x[rows])
+            del item, triple                                          # unpin the slot at once
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return out
@@ -297,6 +319,10 @@ class Model:
             self.lm_head = lazy_linear(ckpt, "model.embed_tokens", self.qcfg, (Vocab, D))
         else:
             self.lm_head = lazy_linear(ckpt, "lm_head", self.qcfg, (Vocab, D))
+        if callable(getattr(self.experts, "prefetch", None)):
+            moes = [l.mlp for l in self.layers if isinstance(l.mlp, MoE)]
+            for a, b in zip(moes, moes[1:]):
+                a.next_moe = b
         im_end = _im_end_id(folder)
         self.end_ids = frozenset(cfg.eos_ids + ((im_end,) if im_end is not None else ()))
         self._check_experts()
@@ -409,11 +435,20 @@ class Session:
         self.cache.len = n
 
 
-def load_model(path: str | Path, attn_impl: str = "auto", experts=None) -> Model:
-    """Open a checkpoint folder by mmap; reads headers and config, no tensor data."""
+def load_model(path: str | Path, attn_impl: str = "auto", experts=None, expert_cache_bytes: int | None = None,
+               expert_policy: str = "lru", direct_io: bool = False) -> Model:
+    """Open a checkpoint folder by mmap; reads headers and config, no tensor data.
+
+    With `expert_cache_bytes`, routed experts are served from a budgeted slot cache filled by
+    preadv (offload.experts.ExpertStore); without it, straight from the mmap (the OS page cache).
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
+    if experts is None and expert_cache_bytes is not None:
+        from kimi_desktop.offload.experts import ExpertStore
+        experts = ExpertStore.open(folder, budget_bytes=expert_cache_bytes, policy=expert_policy,
+                                   direct_io=direct_io)
     return Model(folder, cfg, ckpt, attn_impl=attn_impl, experts=experts)

@@ -38,11 +38,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class NativeEngine:
     kind = "native"
 
-    def __init__(self, model_path: str | Path, ctx: int | None = None, *, model=None, tokenizer=None):
+    def __init__(self, model_path: str | Path, ctx: int | None = None, *, model=None, tokenizer=None,
+                 expert_cache_bytes: int | None = None, direct_io: bool = False):
         from kimi_desktop.runtime import load_model, load_tokenizer
 
         self.path = Path(model_path)
-        self.model = model if model is not None else load_model(self.path)
+        self.model = model if model is not None else load_model(
+            self.path, expert_cache_bytes=expert_cache_bytes, direct_io=direct_io)
         self.tokenizer = tok = tokenizer if tokenizer is not None else load_tokenizer(self.path)
         cfg = self.model.cfg
         max_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
@@ -125,10 +127,8 @@ class NativeEngine:
             "context_used": len(self.session), "context_size": self.ctx,
             "kv_cache_bytes": int(getattr(getattr(self.session, "cache", None), "nbytes", 0) or 0),
             "resident_bytes": rss, "waiting": self.lock.waiting(), "busy": self.lock.busy(),
-            # the expert cache arrives with offload/; until then these stay empty
-            "expert_cache_hits": 0, "expert_cache_misses": 0, "expert_cache_hit_rate": None,
-            "expert_cache_bytes": 0, "disk_read_mb_s": None,
         })
+        s.update(expert_cache_stats(self.model.experts))
         return s
 
     def reset(self) -> None:
@@ -382,3 +382,14 @@ class _Emitter:
                     self.flush()
                 self.stream.put(ev)
         return self.stopped
+
+
+def expert_cache_stats(experts) -> dict:
+    """The UI's view of the routed-expert cache (zeros when experts come straight from the mmap)."""
+    st = experts.stats() if callable(getattr(experts, "stats", None)) else {}
+    return {
+        "expert_cache_hits": st.get("hits", 0), "expert_cache_misses": st.get("misses", 0),
+        "expert_cache_hit_rate": st.get("hit_rate"), "expert_cache_bytes": st.get("resident_bytes", 0),
+        "expert_cache_budget": st.get("budget_bytes"), "disk_read_mb_s": (st["read_gbps"] * 1000
+                                                                          if st.get("read_gbps") else None),
+    }

@@ -82,3 +82,26 @@ def test_generate_stops_at_end_id_and_is_seeded(folder, ids):
     assert all(t not in model.end_ids for t in a[:-1])
     im_end = 1792 + 2
     assert im_end in model.end_ids
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_decode_through_a_small_expert_cache_with_prefetch_is_exact(folder, ids, policy):
+    plain = load_model(folder)
+    from kimi_desktop.offload.experts import ExpertStore
+    store = ExpertStore.open(folder, n_slots=12, policy=policy)
+    try:
+        cached = load_model(folder, experts=store)
+        want = list(plain.generate(ids[:20], max_new_tokens=12))
+        got = list(cached.generate(ids[:20], max_new_tokens=12))
+        assert got == want
+        st = store.stats()
+        assert st["prefetch_issued"] > 0 and st["evictions"] > 0
+        assert st["max_resident_bytes"] <= st["pool_bytes"]
+    finally:
+        store.close()
+
+
+def test_expert_cache_budget_from_load_model(folder, ids):
+    model = load_model(folder, expert_cache_bytes=1 << 20)
+    assert model.experts.stats()["budget_bytes"] == 1 << 20
+    np.testing.assert_array_equal(model.logits(ids[:8]), load_model(folder).logits(ids[:8]))
