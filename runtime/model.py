@@ -13,13 +13,19 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from kimi_desktop.offload.formats import QuantConfig, load_linear
+import ml_dtypes
+
+from kimi_desktop.offload.formats import Fp8BlockLinear, Int4Linear, PlainLinear, QuantConfig, load_linear
 from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
 from .config import ModelConfig, load_config
+from . import kernels
+from .kernels.absorb import absorb_q
 from .profile import timer
 from .rope import Rope, softmax_scale
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
+KERNELS = True                  # False: numpy reference products only (kept for tests and debugging)
 ATTN_IMPLS = ("auto", "naive", "absorb")
 PREFETCH_MAX_TOKENS = 4         # decode-sized calls; prefill reads every expert of a layer anyway
 
@@ -33,7 +39,23 @@ class Linear(Protocol):
 
 
 def linear(w: Linear, x: np.ndarray) -> np.ndarray:
-    """x [T, in] float32 -> [T, out] float32: the single dispatch point for weight products."""
+    """x [T, in] float32 -> [T, out] float32: the single dispatch point for weight products.
+
+    Stored formats go to the numba kernels (dequantized on the fly, never a float copy of the
+    matrix); anything else to the numpy path of the weight class.
+    """
+    if not KERNELS:
+        return w.matmul(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    one = x.shape[0] == 1
+    if isinstance(w, Int4Linear) and w.group == 32:
+        return (kernels.int4_gemv(w.packed, w.scale, x[0])[None] if one else kernels.int4_gemm(w.packed, w.scale, x))
+    if isinstance(w, PlainLinear) and w.weight.dtype == BF16:
+        return kernels.bf16_gemv(w.weight, x[0])[None] if one else kernels.bf16_gemm(w.weight, x)
+    if isinstance(w, Fp8BlockLinear):
+        if one:
+            return kernels.fp8_gemv(w.weight, w.scale_inv, x[0], block=w.block)[None]
+        return kernels.fp8_gemm(w.weight, w.scale_inv, x, block=w.block)
     return w.matmul(x)
 
 
@@ -156,13 +178,22 @@ class Attention:
             scores[:, mask] = -np.inf
             out = np.einsum("htn,nhv->thv", softmax(scores), v)      # [T, H, V]
         elif impl == "absorb":
-            w = self.kv_b_proj().dequantize().reshape(H, C + V, R)     # per call: a small [H, C+V, R] temporary
-            q_lat = np.einsum("thc,hcr->thr", q_nope, w[:, :C])      # [T, H, R]
-            scores = (np.einsum("thr,nr->htn", q_lat, kv)
-                      + np.einsum("thp,np->htn", q_pe, pe)) * self.scale
-            scores[:, mask] = -np.inf
-            o_lat = np.einsum("htn,nr->thr", softmax(scores), kv)    # [T, H, R]
-            out = np.einsum("thr,hvr->thv", o_lat, w[:, C:])         # [T, H, V]
+            kvb_w = self.kv_b_proj()
+            if T == 1 and KERNELS and isinstance(kvb_w, PlainLinear) and kvb_w.weight.dtype == BF16:
+                # decode: W_UK into the query, attention over the latent cache, W_UV per head
+                q_lat = absorb_q(kvb_w.weight, q_nope[0], C, V)                    # [H, R]
+                q_pe1 = np.ascontiguousarray(q_pe[0], dtype=np.float32)
+                o_lat = kernels.mla_decode_absorbed(q_lat, q_pe1, kv, pe, float(self.scale))   # [H, R]
+                rows = kvb_w.weight.reshape(H, C + V, R)
+                out = np.stack([kernels.bf16_gemv(rows[h, C:], o_lat[h]) for h in range(H)])[None]
+            else:
+                w = kvb_w.dequantize().reshape(H, C + V, R)                        # [H, C+V, R] temporary
+                q_lat = np.einsum("thc,hcr->thr", q_nope, w[:, :C])                # [T, H, R]
+                scores = (np.einsum("thr,nr->htn", q_lat, kv)
+                          + np.einsum("thp,np->htn", q_pe, pe)) * self.scale
+                scores[:, mask] = -np.inf
+                o_lat = np.einsum("htn,nr->thr", softmax(scores), kv)              # [T, H, R]
+                out = np.einsum("thr,hvr->thv", o_lat, w[:, C:])                   # [T, H, V]
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
         return linear(self.o_proj(), np.ascontiguousarray(out.reshape(T, H * V), dtype=np.float32))

@@ -1,0 +1,51 @@
+"""Numba CPU kernels for the native engine.
+
+Every kernel has a plain-numpy reference (`*_ref`) next to it and a launcher that checks shapes,
+dtypes and contiguity and allocates the output; the model calls only the launchers:
+
+    int4_gemv(packed, scale, x)              -> y [out]       INT4 group-32 (stored layout)
+    int4_gemm(packed, scale, X)              -> Y [T, out]
+    bf16_gemv(w, x) / bf16_gemm(w, X)        -> y [out] / Y [T, out]
+    fp8_gemv(w, scale_inv, x, block=(128, 128)) / fp8_gemm(w, scale_inv, X, block)
+    rmsnorm(x, w, eps)                       -> y [T, d]
+    rope_interleaved(x, positions, inv_freq, mscale=1.0, fp32_angles=False, out=None)
+    router_topk(logits, bias, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor)
+                                             -> (idx int32 [T, k], weights float32 [T, k])
+    mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale) -> o_lat [H, R]
+
+Threads: set_threads(n) (numba.set_num_threads; default all cores). Measurements: microbench.py.
+"""
+from __future__ import annotations
+
+import numba
+
+from .bf16 import bf16_gemm, bf16_gemm_ref, bf16_gemv, bf16_gemv_ref
+from .fp8 import FP8_E4M3_LUT, fp8_dequant_ref, fp8_gemm, fp8_gemm_ref, fp8_gemv, fp8_gemv_ref, fp8_to_f32
+from .int4 import int4_dequant_ref, int4_gemm, int4_gemm_ref, int4_gemv, int4_gemv_ref, int4_unpack_ref
+from .mla import mla_decode_absorbed, mla_decode_absorbed_ref
+from .norm import rmsnorm, rmsnorm_ref
+from .rope import rope_interleaved, rope_interleaved_ref
+from .router import router_topk, router_topk_ref
+
+__all__ = [
+    "set_threads", "get_threads",
+    "int4_gemv", "int4_gemm", "int4_gemv_ref", "int4_gemm_ref", "int4_dequant_ref", "int4_unpack_ref",
+    "bf16_gemv", "bf16_gemm", "bf16_gemv_ref", "bf16_gemm_ref",
+    "fp8_gemv", "fp8_gemm", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_dequant_ref", "fp8_to_f32", "FP8_E4M3_LUT",
+    "rmsnorm", "rmsnorm_ref", "rope_interleaved", "rope_interleaved_ref",
+    "router_topk", "router_topk_ref", "mla_decode_absorbed", "mla_decode_absorbed_ref",
+]
+
+
+def set_threads(n: int | None = None) -> int:
+    """Threads for the numba kernels (None or 0: all cores). Returns the number set."""
+    top = numba.config.NUMBA_NUM_THREADS
+    n = top if not n else int(n)
+    if not 1 <= n <= top:
+        raise ValueError(f"threads: expected 1..{top}, got {n}")
+    numba.set_num_threads(n)
+    return n
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()

@@ -1,0 +1,46 @@
+"""Weight absorption for MLA decode: queries into latent space through kv_b's W_UK rows, in bf16.
+
+Legend: H heads, C = qk_nope_head_dim, V = v_head_dim, R = kv_lora_rank.
+kv_b is stored [H*(C+V), R]; head h's rows h*(C+V) .. h*(C+V)+C-1 are W_UK[h] [C, R].
+    q_lat[h] = q_nope[h] @ W_UK[h]                 -> [H, R]
+(The output side, o[h] = W_UV[h] @ o_lat[h], is an ordinary GEMV per head: bf16_gemv.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+def absorb_q_ref(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray:
+    """kv_b bf16 (uint16 view) [H*(C+V), R], q_nope f32 [H, C] -> q_lat f32 [H, R]."""
+    H = q_nope.shape[0]
+    w = (kv_b.astype(np.uint32) << 16).view(np.float32).reshape(H, C + V, -1)[:, :C]
+    return np.einsum("hc,hcr->hr", q_nope, w).astype(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def _absorb_q(kv_b, q_nope, C, V, out):
+    H, R = out.shape
+    for h in prange(H):
+        acc = np.zeros(R, np.float32)
+        base = h * (C + V)
+        for c in range(C):
+            a = q_nope[h, c]
+            row = kv_b[base + c]
+            for r in range(R):                      # contiguous: vectorizes as an axpy
+                acc[r] += a * np.uint32(np.uint32(row[r]) << 16).view(np.float32)
+        out[h] = acc
+
+
+def absorb_q(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray:
+    kv_b = kv_b.view(np.uint16)
+    H = q_nope.shape[0]
+    if kv_b.ndim != 2 or kv_b.shape[0] != H * (C + V) or not kv_b.flags.c_contiguous:
+        raise ValueError(f"kv_b: expected C-contiguous [{H}*({C}+{V}), R], got {kv_b.shape}")
+    q = np.ascontiguousarray(q_nope, dtype=np.float32)
+    if q.shape != (H, C):
+        raise ValueError(f"q_nope: expected [{H}, {C}], got {q.shape}")
+    out = np.empty((H, kv_b.shape[1]), np.float32)
+    _absorb_q(kv_b, q, C, V, out)
+    return out

@@ -1,0 +1,146 @@
+"""bf16-weight GEMV / GEMM (lm_head, attention projections, dense MLP, shared experts).
+
+Layout: w bf16 [out, in] as uint16 bits (or ml_dtypes.bfloat16); bf16 -> f32 is (u16 << 16).
+Shape legend: out = rows, in = columns, T = tokens.
+
+- GEMV: 4 rows x 32 columns per step (two 16-lane accumulators per row), zero-extend + shift +
+  FMA = 3 vector ops per 16 weights, software prefetch of the next row block. Memory bound.
+- GEMM (T > 1): decode 4 rows x 512 columns into an fp32 tile, shared 4x4 micro-kernel (_tile).
+Results are exact up to float32 summation order.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import FM, as_u16, bf16_to_f32, check, out_array
+from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, store_f32, u32_as_f32,
+                    zeros_f32)
+from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens
+
+__all__ = ["bf16_gemv_ref", "bf16_gemm_ref", "bf16_gemv", "bf16_gemm"]
+
+
+def bf16_gemv_ref(w, x):
+    """y[out] = W @ x, float32 numpy."""
+    return bf16_to_f32(w.view(np.uint16)) @ x.astype(np.float32)
+
+
+def bf16_gemm_ref(w, X):
+    """Y[T, out] = X @ W.T, float32 numpy."""
+    return X.astype(np.float32) @ bf16_to_f32(w.view(np.uint16)).T
+
+
+@njit(fastmath=FM, cache=True, inline="always")
+def _w(wf, i):
+    return bits2f(ishl(load_u16(wf, i), 16))
+
+
+@njit(fastmath=FM, cache=True)
+def _rows4(wf, x, xo, y, yo, r, n, pnext):
+    b0 = r * n; b1 = b0 + n; b2 = b1 + n; b3 = b2 + n  # noqa: E702
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
+    c0 = zeros_f32(); c1 = zeros_f32(); c2 = zeros_f32(); c3 = zeros_f32()  # noqa: E702
+    pn = pnext * n
+    nv = n // 32 * 32
+    for k in range(0, nv, 32):
+        prefetch(wf, b0 + pn + k); prefetch(wf, b1 + pn + k)  # noqa: E702
+        prefetch(wf, b2 + pn + k); prefetch(wf, b3 + pn + k)  # noqa: E702
+        xa = load_f32(x, xo + k)
+        xb = load_f32(x, xo + k + 16)
+        a0 = fma(_w(wf, b0 + k), xa, a0); c0 = fma(_w(wf, b0 + k + 16), xb, c0)  # noqa: E702
+        a1 = fma(_w(wf, b1 + k), xa, a1); c1 = fma(_w(wf, b1 + k + 16), xb, c1)  # noqa: E702
+        a2 = fma(_w(wf, b2 + k), xa, a2); c2 = fma(_w(wf, b2 + k + 16), xb, c2)  # noqa: E702
+        a3 = fma(_w(wf, b3 + k), xa, a3); c3 = fma(_w(wf, b3 + k + 16), xb, c3)  # noqa: E702
+    y0 = hsum(fadd(a0, c0)); y1 = hsum(fadd(a1, c1)); y2 = hsum(fadd(a2, c2)); y3 = hsum(fadd(a3, c3))  # noqa: E702
+    for k in range(nv, n):
+        xv = x[xo + k]
+        y0 += u32_as_f32(np.uint32(wf[b0 + k]) << 16) * xv
+        y1 += u32_as_f32(np.uint32(wf[b1 + k]) << 16) * xv
+        y2 += u32_as_f32(np.uint32(wf[b2 + k]) << 16) * xv
+        y3 += u32_as_f32(np.uint32(wf[b3 + k]) << 16) * xv
+    y[yo + r] = y0; y[yo + r + 1] = y1; y[yo + r + 2] = y2; y[yo + r + 3] = y3  # noqa: E702
+
+
+@njit(fastmath=FM, cache=True)
+def _row1(wf, x, xo, y, yo, r, n):
+    b = r * n
+    a = zeros_f32()
+    nv = n // 16 * 16
+    for k in range(0, nv, 16):
+        a = fma(_w(wf, b + k), load_f32(x, xo + k), a)
+    s = hsum(a)
+    for k in range(nv, n):
+        s += u32_as_f32(np.uint32(wf[b + k]) << 16) * x[xo + k]
+    y[yo + r] = s
+
+
+@njit(parallel=True, cache=True)
+def _bf16_gemv(w, x, y):
+    out, n = w.shape
+    wf = w.reshape(-1)
+    nb = out // 4
+    for b in prange(nb):
+        r = 4 * b
+        _rows4(wf, x, 0, y, 0, r, n, 4 if r + 8 <= out else 0)
+    for r in range(4 * nb, out):
+        _row1(wf, x, 0, y, 0, r, n)
+
+
+@njit(fastmath=FM, cache=True)
+def _decode_tile(wf, n, r0, nr, k0, K, tile):
+    nk = min(K, n - k0)
+    nv = nk // 16 * 16
+    for rr in range(4):
+        base = rr * K
+        if rr >= nr:
+            for k in range(K):
+                tile[base + k] = 0.0
+            continue
+        src = (r0 + rr) * n + k0
+        for k in range(0, nv, 16):
+            store_f32(tile, base + k, _w(wf, src + k))
+        for k in range(nv, K):
+            tile[base + k] = u32_as_f32(np.uint32(wf[src + k]) << 16) if k < nk else np.float32(0.0)
+
+
+@njit(parallel=True, cache=True)
+def _bf16_tiles(w, xp, T, Y):
+    out, n = w.shape
+    Tp, Kp = xp.shape
+    K = TILE_K
+    nch = (n + K - 1) // K
+    wf = w.reshape(-1)
+    xpf = xp.reshape(-1)
+    nb = (out + 3) // 4
+    for b in prange(nb):
+        tile = np.empty(4 * K, np.float32)
+        acc = np.zeros(Tp * 64, np.float32)
+        r0 = 4 * b
+        nr = min(4, out - r0)
+        for ch in range(nch):
+            _decode_tile(wf, n, r0, nr, ch * K, K, tile)
+            mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc)
+        acc_to_out(acc, T, r0, nr, Y)
+
+
+def bf16_gemv(w, x, out=None):
+    """y[out] = W @ x. w bf16/uint16 [out, in], x float32 [in]."""
+    w = as_u16(w, "w", 2)
+    x = check(x, "x", np.float32, 1, (w.shape[1],))
+    y = out_array(out, (w.shape[0],))
+    _bf16_gemv(w, x, y)
+    return y
+
+
+def bf16_gemm(w, X, out=None):
+    """Y[T, out] = X @ W.T. w bf16/uint16 [out, in], X float32 [T, in]."""
+    w = as_u16(w, "w", 2)
+    X = check(X, "X", np.float32, 2, (None, w.shape[1]))
+    T = X.shape[0]
+    Y = out_array(out, (T, w.shape[0]))
+    if T == 1:
+        _bf16_gemv(w, X[0], Y[0])
+    elif T > 1:
+        _bf16_tiles(w, pad_tokens(X, TILE_K), T, Y)
+    return Y

@@ -1,0 +1,377 @@
+"""INT4 group-32 GEMV / GEMM on the stored compressed-tensors pack-quantized layout.
+
+Layout (as stored, never converted): packed int32 [out, W = in/8], nibble j of word k is column 8k+j
+(lowest nibble first), u in 0..15, q = u - 8; scale bf16 [out, G = in/32] (uint16 bits);
+W[r, c] = q[r, c] * scale[r, c // 32].
+
+Shape legend: out = rows (output features), in = columns (input features) = 8 W, W = int32 words per
+row, G = groups per row, T = tokens.
+
+Kernels (numba, explicit 16-lane SIMD from _simd):
+- GEMV (T = 1): 4 rows per step; 16 words (128 columns, 4 groups) per vector. Nibble j is isolated
+  with one AND (mask 0xF << 4j) and converted with one int->float; the 2^(4j) factor is folded into
+  a pre-scaled, permuted copy of x (xs[j, w] = x[8w+j] * 2^-4j, exact) and the -8 offset into a
+  per-word correction c[w] = 8 * sum_j x[8w+j] (t = sum_j u_j x_j - c). ~3.7 vector ops per 16
+  weights; software prefetch of the next row block (hardware prefetch does not keep up with 3.5 KB
+  row streams). Exact up to float summation order (the u/-8 split rounds like a reassociation).
+- GEMM, T <= DIRECT_T_MAX: the GEMV loop on each row block, two tokens at a time sharing one nibble
+  decode (weights read from DRAM once).
+- GEMM, larger T: decode 4 rows x 64 words into an fp32 tile (exact q * s), multiply with all tokens
+  by the shared 4x4 register micro-kernel (_tile.mk4x4). Pure fp32, same exact W values.
+
+Activations with |x| < ~1e-30 lose precision in the GEMV pre-scaling (x * 2^-24 underflows); they
+contribute nothing measurable next to O(1e-3..1e3) activations.
+
+No repacked layout: with the AND-mask trick every nibble position costs the same (and + cvt + fma),
+so no nibble order saves an op; the stored layout runs at the vector-ALU limit (~15 GB/s per core)
+and, with prefetch, at 95% of the one-thread DRAM figure with 2 threads at 2048x7168 (microbench).
+Repacked layouts tried while prototyping (lanes over groups, rows interleaved by 4, f32 scales)
+were slower or equal; f32 scales add 11% bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import FM, as_i32, as_u16, bf16_to_f32, check, out_array
+from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, isub, load_bf16_rep4, load_f32, load_i32,
+                    prefetch, splat_i32, store_f32, u32_as_f32, zeros_f32)
+from ._tile import acc_to_out, mk4x4
+
+GROUP = 32
+DIRECT_T_MAX = 3      # GEMM: up to this many tokens, GEMV loop (2 tokens per pass); above, fp32 tiles
+TILE_W = 64           # GEMM tile: words per tile row (512 columns)
+
+__all__ = ["int4_unpack_ref", "int4_dequant_ref", "int4_gemv_ref", "int4_gemm_ref",
+           "int4_gemv", "int4_gemm"]
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+def int4_unpack_ref(packed: np.ndarray) -> np.ndarray:
+    """packed int32 [out, W] -> q int8 [out, 8W] in -8..7."""
+    u = (packed.view(np.uint32)[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    return (u.reshape(packed.shape[0], -1).astype(np.int16) - 8).astype(np.int8)
+
+
+def int4_dequant_ref(packed: np.ndarray, scale: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    """W float32 [out, in] = q * scale (exact in float32)."""
+    q = int4_unpack_ref(packed)
+    s = bf16_to_f32(scale.view(np.uint16) if scale.dtype != np.uint16 else scale)
+    n = q.shape[1] if in_features is None else in_features
+    return q[:, :n].astype(np.float32) * np.repeat(s, GROUP, axis=1)[:, :n]
+
+
+def int4_gemv_ref(packed, scale, x):
+    """y[out] = W @ x in float32 (numpy)."""
+    return int4_dequant_ref(packed, scale, x.shape[0]) @ x.astype(np.float32)
+
+
+def int4_gemm_ref(packed, scale, X):
+    """Y[T, out] = X @ W.T in float32 (numpy)."""
+    return X.astype(np.float32) @ int4_dequant_ref(packed, scale, X.shape[1]).T
+
+
+# ----------------------------------------------------------------------------- activation prep
+
+@njit(cache=True)
+def _prep_gemv_x(X, W):
+    """X [T, in] -> xs [T, 8, W] (xs[t, j, w] = x[8w+j] * 2^-4j for j < 7, x[8w+7] for j = 7),
+    c [T, W] = 8 * sum_j x[8w+j] (float64 sum, rounded once), xf [T, 8W] (x zero-padded)."""
+    T, n = X.shape
+    xs = np.empty((T, 8, W), np.float32)
+    c = np.empty((T, W), np.float32)
+    xf = np.zeros((T, 8 * W), np.float32)
+    xf[:, :n] = X
+    for t in range(T):
+        for w in range(W):
+            s = 0.0
+            f = 1.0
+            for j in range(8):
+                v = xf[t, 8 * w + j]
+                s += v
+                xs[t, j, w] = v * (f if j < 7 else 1.0)
+                f *= 0.0625
+            c[t, w] = 8.0 * s
+    return xs, c, xf
+
+
+@njit(cache=True)
+def _prep_tile_x(X, W, CW, Tp):
+    """X [T, in] -> xp [Tp, nch, 8, CW] flat per token: xp[t, ch, j, ww] = x[t, 8(ch*CW + ww) + j]."""
+    T, n = X.shape
+    nch = (W + CW - 1) // CW
+    xp = np.zeros((Tp, nch * 8 * CW), np.float32)
+    for t in range(T):
+        for ch in range(nch):
+            for ww in range(CW):
+                w = ch * CW + ww
+                for j in range(8):
+                    col = 8 * w + j
+                    if col < n:
+                        xp[t, ch * 8 * CW + j * CW + ww] = X[t, col]
+    return xp
+
+
+# ----------------------------------------------------------------------------- GEMV core
+
+@njit(fastmath=FM, cache=True, inline="always")
+def _word_dot(v, xs, xo, c, co, W):
+    """16 lanes of sum_j q_j x_j for the 16 words in v (xs/c flat, token offsets xo/co)."""
+    t = fsub(zeros_f32(), load_f32(c, co))
+    t = fma(i2f(iand(v, splat_i32(0xF))), load_f32(xs, xo), t)
+    t = fma(i2f(iand(v, splat_i32(0xF0))), load_f32(xs, xo + W), t)
+    t = fma(i2f(iand(v, splat_i32(0xF00))), load_f32(xs, xo + 2 * W), t)
+    t = fma(i2f(iand(v, splat_i32(0xF000))), load_f32(xs, xo + 3 * W), t)
+    t = fma(i2f(iand(v, splat_i32(0xF0000))), load_f32(xs, xo + 4 * W), t)
+    t = fma(i2f(iand(v, splat_i32(0xF00000))), load_f32(xs, xo + 5 * W), t)
+    t = fma(i2f(iand(v, splat_i32(0xF000000))), load_f32(xs, xo + 6 * W), t)
+    t = fma(i2f(ilshr(v, 28)), load_f32(xs, xo + 7 * W), t)
+    return t
+
+
+@njit(fastmath=FM, cache=True)
+def _tail_word(pf, sf, xf, xfo, r, w, W, G):
+    """Scalar dot of one word (8 columns) of row r with x, scaled (for W % 16 tails)."""
+    v = np.int64(pf[r * W + w]) & 0xFFFFFFFF
+    s = np.float32(0.0)
+    for j in range(8):
+        s += np.float32(((v >> (4 * j)) & 15) - 8) * xf[xfo + 8 * w + j]
+    return s * u32_as_f32(np.uint32(sf[r * G + (w >> 2)]) << 16)
+
+
+@njit(fastmath=FM, cache=True)
+def _gemv_rows4(pf, sf, xs, xo, c, co, xf, xfo, y, yo, r, W, G, pnext):
+    """y[yo + r .. r+3] = 4 rows starting at r; prefetches the block `pnext` rows further on."""
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
+    b0 = r * W; b1 = b0 + W; b2 = b1 + W; b3 = b2 + W  # noqa: E702
+    s0 = r * G; s1 = s0 + G; s2 = s1 + G; s3 = s2 + G  # noqa: E702
+    pw = pnext * W
+    ps = pnext * G
+    Wv = W // 16 * 16
+    for w in range(0, Wv, 16):
+        prefetch(pf, b0 + pw + w); prefetch(pf, b1 + pw + w)  # noqa: E702
+        prefetch(pf, b2 + pw + w); prefetch(pf, b3 + pw + w)  # noqa: E702
+        g = w >> 2
+        prefetch(sf, s0 + ps + g); prefetch(sf, s1 + ps + g)  # noqa: E702
+        prefetch(sf, s2 + ps + g); prefetch(sf, s3 + ps + g)  # noqa: E702
+        a0 = fma(_word_dot(load_i32(pf, b0 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s0 + g), a0)
+        a1 = fma(_word_dot(load_i32(pf, b1 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s1 + g), a1)
+        a2 = fma(_word_dot(load_i32(pf, b2 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s2 + g), a2)
+        a3 = fma(_word_dot(load_i32(pf, b3 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s3 + g), a3)
+    y0 = hsum(a0); y1 = hsum(a1); y2 = hsum(a2); y3 = hsum(a3)  # noqa: E702
+    for w in range(Wv, W):
+        y0 += _tail_word(pf, sf, xf, xfo, r, w, W, G)
+        y1 += _tail_word(pf, sf, xf, xfo, r + 1, w, W, G)
+        y2 += _tail_word(pf, sf, xf, xfo, r + 2, w, W, G)
+        y3 += _tail_word(pf, sf, xf, xfo, r + 3, w, W, G)
+    y[yo + r] = y0; y[yo + r + 1] = y1; y[yo + r + 2] = y2; y[yo + r + 3] = y3  # noqa: E702
+
+
+@njit(fastmath=FM, cache=True, inline="always")
+def _word_dot2(v, xs, xa, xb, c, ca, cb, W):
+    """_word_dot for two tokens (offsets a, b) sharing one nibble decode."""
+    ta = fsub(zeros_f32(), load_f32(c, ca))
+    tb = fsub(zeros_f32(), load_f32(c, cb))
+    q = i2f(iand(v, splat_i32(0xF)))
+    ta = fma(q, load_f32(xs, xa), ta); tb = fma(q, load_f32(xs, xb), tb)  # noqa: E702
+    q = i2f(iand(v, splat_i32(0xF0)))
+    ta = fma(q, load_f32(xs, xa + W), ta); tb = fma(q, load_f32(xs, xb + W), tb)  # noqa: E702
+    q = i2f(iand(v, splat_i32(0xF00)))
+    ta = fma(q, load_f32(xs, xa + 2 * W), ta); tb = fma(q, load_f32(xs, xb + 2 * W), tb)  # noqa: E702
+    q = i2f(iand(v, splat_i32(0xF000)))
+    ta = fma(q, load_f32(xs, xa + 3 * W), ta); tb = fma(q, load_f32(xs, xb + 3 * W), tb)  # noqa: E702
+    q = i2f(iand(v, splat_i32(0xF0000)))
+    ta = fma(q, load_f32(xs, xa + 4 * W), ta); tb = fma(q, load_f32(xs, xb + 4 * W), tb)  # noqa: E702
+    q = i2f(iand(v, splat_i32(0xF00000)))
+    ta = fma(q, load_f32(xs, xa + 5 * W), ta); tb = fma(q, load_f32(xs, xb + 5 * W), tb)  # noqa: E702
+    q = i2f(iand(v, splat_i32(0xF000000)))
+    ta = fma(q, load_f32(xs, xa + 6 * W), ta); tb = fma(q, load_f32(xs, xb + 6 * W), tb)  # noqa: E702
+    q = i2f(ilshr(v, 28))
+    ta = fma(q, load_f32(xs, xa + 7 * W), ta); tb = fma(q, load_f32(xs, xb + 7 * W), tb)  # noqa: E702
+    return ta, tb
+
+
+@njit(fastmath=FM, cache=True)
+def _gemv_rows4_t2(pf, sf, xs, xa, xb, c, ca, cb, xf, fa, fb, y, ya, yb, r, W, G, pnext):
+    """_gemv_rows4 for two tokens at once (a, b): one decode, two FMA chains."""
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
+    b0_ = zeros_f32(); b1_ = zeros_f32(); b2_ = zeros_f32(); b3_ = zeros_f32()  # noqa: E702
+    b0 = r * W; b1 = b0 + W; b2 = b1 + W; b3 = b2 + W  # noqa: E702
+    s0 = r * G; s1 = s0 + G; s2 = s1 + G; s3 = s2 + G  # noqa: E702
+    pw = pnext * W
+    ps = pnext * G
+    Wv = W // 16 * 16
+    for w in range(0, Wv, 16):
+        prefetch(pf, b0 + pw + w); prefetch(pf, b1 + pw + w)  # noqa: E702
+        prefetch(pf, b2 + pw + w); prefetch(pf, b3 + pw + w)  # noqa: E702
+        g = w >> 2
+        prefetch(sf, s0 + ps + g); prefetch(sf, s1 + ps + g)  # noqa: E702
+        prefetch(sf, s2 + ps + g); prefetch(sf, s3 + ps + g)  # noqa: E702
+        sc = load_bf16_rep4(sf, s0 + g)
+        ta, tb = _word_dot2(load_i32(pf, b0 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
+        a0 = fma(ta, sc, a0); b0_ = fma(tb, sc, b0_)  # noqa: E702
+        sc = load_bf16_rep4(sf, s1 + g)
+        ta, tb = _word_dot2(load_i32(pf, b1 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
+        a1 = fma(ta, sc, a1); b1_ = fma(tb, sc, b1_)  # noqa: E702
+        sc = load_bf16_rep4(sf, s2 + g)
+        ta, tb = _word_dot2(load_i32(pf, b2 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
+        a2 = fma(ta, sc, a2); b2_ = fma(tb, sc, b2_)  # noqa: E702
+        sc = load_bf16_rep4(sf, s3 + g)
+        ta, tb = _word_dot2(load_i32(pf, b3 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
+        a3 = fma(ta, sc, a3); b3_ = fma(tb, sc, b3_)  # noqa: E702
+    ya0 = hsum(a0); ya1 = hsum(a1); ya2 = hsum(a2); ya3 = hsum(a3)  # noqa: E702
+    yb0 = hsum(b0_); yb1 = hsum(b1_); yb2 = hsum(b2_); yb3 = hsum(b3_)  # noqa: E702
+    for w in range(Wv, W):
+        ya0 += _tail_word(pf, sf, xf, fa, r, w, W, G); yb0 += _tail_word(pf, sf, xf, fb, r, w, W, G)  # noqa: E702
+        ya1 += _tail_word(pf, sf, xf, fa, r + 1, w, W, G); yb1 += _tail_word(pf, sf, xf, fb, r + 1, w, W, G)  # noqa: E702,E501
+        ya2 += _tail_word(pf, sf, xf, fa, r + 2, w, W, G); yb2 += _tail_word(pf, sf, xf, fb, r + 2, w, W, G)  # noqa: E702,E501
+        ya3 += _tail_word(pf, sf, xf, fa, r + 3, w, W, G); yb3 += _tail_word(pf, sf, xf, fb, r + 3, w, W, G)  # noqa: E702,E501
+    y[ya + r] = ya0; y[ya + r + 1] = ya1; y[ya + r + 2] = ya2; y[ya + r + 3] = ya3  # noqa: E702
+    y[yb + r] = yb0; y[yb + r + 1] = yb1; y[yb + r + 2] = yb2; y[yb + r + 3] = yb3  # noqa: E702
+
+
+@njit(fastmath=FM, cache=True)
+def _gemv_row1(pf, sf, xs, xo, c, co, xf, xfo, y, yo, r, W, G):
+    a = zeros_f32()
+    Wv = W // 16 * 16
+    for w in range(0, Wv, 16):
+        a = fma(_word_dot(load_i32(pf, r * W + w), xs, xo + w, c, co + w, W),
+                load_bf16_rep4(sf, r * G + (w >> 2)), a)
+    acc = hsum(a)
+    for w in range(Wv, W):
+        acc += _tail_word(pf, sf, xf, xfo, r, w, W, G)
+    y[yo + r] = acc
+
+
+@njit(parallel=True, cache=True)
+def _int4_direct(packed, scale, xs, c, xf, Y):
+    """Y[T, out] for small T: per row block, the GEMV loop once per token."""
+    out, W = packed.shape
+    G = scale.shape[1]
+    T = xs.shape[0]
+    pf = packed.reshape(-1)
+    sf = scale.reshape(-1)
+    xsf = xs.reshape(-1)
+    cf = c.reshape(-1)
+    xff = xf.reshape(-1)
+    yf = Y.reshape(-1)
+    nb = out // 4
+    for b in prange(nb):
+        r = 4 * b
+        pnext = 4 if r + 8 <= out else 0
+        for t in range(0, T - 1, 2):
+            _gemv_rows4_t2(pf, sf, xsf, t * 8 * W, (t + 1) * 8 * W, cf, t * W, (t + 1) * W,
+                           xff, t * 8 * W, (t + 1) * 8 * W, yf, t * out, (t + 1) * out, r, W, G,
+                           pnext if t == 0 else 0)
+        if T % 2:
+            t = T - 1
+            _gemv_rows4(pf, sf, xsf, t * 8 * W, cf, t * W, xff, t * 8 * W, yf, t * out, r, W, G,
+                        pnext if t == 0 else 0)
+    for r in range(4 * nb, out):
+        for t in range(T):
+            _gemv_row1(pf, sf, xsf, t * 8 * W, cf, t * W, xff, t * 8 * W, yf, t * out, r, W, G)
+
+
+# ----------------------------------------------------------------------------- GEMM (tiles)
+
+@njit(fastmath=FM, cache=True)
+def _decode_tile(pf, sf, W, G, r0, nr, w0, CW, tile):
+    """tile[rr, j, ww] = q * s for rows r0 + rr (rr < nr; else 0), words w0 + ww (0 past W)."""
+    K = 8 * CW
+    nw = min(CW, W - w0)
+    nv = nw // 16 * 16
+    for rr in range(4):
+        base = rr * K
+        if rr >= nr:
+            for k in range(K):
+                tile[base + k] = 0.0
+            continue
+        r = r0 + rr
+        for ww in range(0, nv, 16):
+            v = load_i32(pf, r * W + w0 + ww)
+            s = load_bf16_rep4(sf, r * G + ((w0 + ww) >> 2))
+            for j in range(8):
+                q = i2f(isub(iand(ilshr(v, 4 * j), splat_i32(15)), splat_i32(8)))
+                store_f32(tile, base + j * CW + ww, fmul(q, s))
+        for ww in range(nv, CW):
+            if ww < nw:
+                w = w0 + ww
+                v = np.int64(pf[r * W + w]) & 0xFFFFFFFF
+                s = u32_as_f32(np.uint32(sf[r * G + (w >> 2)]) << 16)
+                for j in range(8):
+                    tile[base + j * CW + ww] = np.float32(((v >> (4 * j)) & 15) - 8) * s
+            else:
+                for j in range(8):
+                    tile[base + j * CW + ww] = 0.0
+
+
+@njit(parallel=True, cache=True)
+def _int4_tiles(packed, scale, xp, T, Y):
+    out, W = packed.shape
+    G = scale.shape[1]
+    Tp, Kp = xp.shape
+    CW = TILE_W
+    K = 8 * CW
+    nch = (W + CW - 1) // CW
+    pf = packed.reshape(-1)
+    sf = scale.reshape(-1)
+    xpf = xp.reshape(-1)
+    nb = (out + 3) // 4
+    for b in prange(nb):
+        tile = np.empty(4 * K, np.float32)
+        acc = np.zeros(Tp * 64, np.float32)
+        r0 = 4 * b
+        nr = min(4, out - r0)
+        for ch in range(nch):
+            _decode_tile(pf, sf, W, G, r0, nr, ch * CW, CW, tile)
+            mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc)
+        acc_to_out(acc, T, r0, nr, Y)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _check_weights(packed, scale):
+    packed = as_i32(packed, "packed", 2)
+    out, W = packed.shape
+    G = (W + 3) // 4
+    scale = as_u16(scale, "scale", 2)
+    if scale.shape[0] != out or scale.shape[1] < G:
+        raise ValueError(f"scale: expected shape ({out}, {G}) for packed {packed.shape} with group {GROUP}, "
+                         f"got {scale.shape} (only group size {GROUP} is supported)")
+    return packed, scale
+
+
+def _check_in(n, W, name):
+    if not (8 * (W - 1) < n <= 8 * W):
+        raise ValueError(f"{name}: {n} input features do not match packed words per row {W} "
+                         f"(expected {8 * W - 7}..{8 * W})")
+
+
+def int4_gemv(packed, scale, x, out=None):
+    """y[out] = W @ x. packed int32 [out, W], scale bf16/uint16 [out, G], x float32 [in]."""
+    packed, scale = _check_weights(packed, scale)
+    x = check(x, "x", np.float32, 1)
+    _check_in(x.shape[0], packed.shape[1], "x")
+    y = out_array(out, (packed.shape[0],))
+    xs, c, xf = _prep_gemv_x(x.reshape(1, -1), packed.shape[1])
+    _int4_direct(packed, scale, xs, c, xf, y.reshape(1, -1))
+    return y
+
+
+def int4_gemm(packed, scale, X, out=None):
+    """Y[T, out] = X @ W.T. packed int32 [out, W], scale bf16/uint16 [out, G], X float32 [T, in]."""
+    packed, scale = _check_weights(packed, scale)
+    X = check(X, "X", np.float32, 2)
+    _check_in(X.shape[1], packed.shape[1], "X")
+    T = X.shape[0]
+    Y = out_array(out, (T, packed.shape[0]))
+    if T == 0:
+        return Y
+    if T <= DIRECT_T_MAX:
+        xs, c, xf = _prep_gemv_x(X, packed.shape[1])
+        _int4_direct(packed, scale, xs, c, xf, Y)
+    else:
+        xp = _prep_tile_x(X, packed.shape[1], TILE_W, (T + 3) // 4 * 4)
+        _int4_tiles(packed, scale, xp, T, Y)
+    return Y

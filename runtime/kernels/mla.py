@@ -1,0 +1,279 @@
+"""MLA decode attention in the absorbed (latent) form, one query token over the latent cache.
+
+    scores[h, t] = (q_lat[h] . kv[t] + q_pe[h] . pe[t]) * scale
+    p[h, :]      = softmax(scores[h, :])            float32, max-subtracted
+    o_lat[h]     = sum_t p[h, t] kv[t]
+
+Shape legend: H heads (64), R latent rank (512), P rope dim (64), N cached tokens;
+q_lat [H, R], q_pe [H, P], kv_cache [N, R], pe_cache [N, P] (float32, C-contiguous; a prefix slice
+cache[:N] of a bigger buffer is fine), o_lat [H, R].
+
+Numba kernel: flash-decoding. N is split into one contiguous range per thread, each range into
+chunks of CHUNK tokens. Per chunk: scores for 4 heads x 4 tokens at a time (16 register
+accumulators along the 576-long dot, one 16-way transpose-reduce `hsum16`), an online softmax
+(running max / sum per head, vector exp: Cephes polynomial, ~1 ulp), then p @ kv for 4 heads x 64
+columns at a time. Per-thread partial results are merged with the usual log-sum-exp rescaling.
+`scale` is folded into the query (rounding differs from the reference at the 1e-7 level).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+from ._common import FM, check, out_array
+from ._simd import (bits2f, f2i, fadd, fma, fmax, fmin, fmul, fsub, hsum, hsum16, iadd, ishl, load_f32, splat_f32,
+                    splat_i32, store_f32, zeros_f32)
+
+__all__ = ["mla_decode_absorbed_ref", "mla_decode_absorbed", "CHUNK"]
+
+CHUNK = 128
+
+
+def mla_decode_absorbed_ref(q_lat, q_pe, kv_cache, pe_cache, scale):
+    """numpy float32 reference."""
+    s = (q_lat @ kv_cache.T + q_pe @ pe_cache.T) * np.float32(scale)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return (p @ kv_cache).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+@njit(fastmath=FM, cache=True, inline="always")
+def _vexp(x):
+    """exp of 16 float32 lanes (Cephes expf: round(x log2 e), 2-term ln2 reduction, degree-6 poly)."""
+    x = fmin(fmax(x, splat_f32(-87.33654)), splat_f32(88.72283))
+    n = fsub(fma(x, splat_f32(1.44269504088896341), splat_f32(12582912.0)), splat_f32(12582912.0))
+    r = fma(n, splat_f32(-0.693359375), x)
+    r = fma(n, splat_f32(2.12194440e-4), r)
+    p = splat_f32(1.9875691500e-4)
+    p = fma(p, r, splat_f32(1.3981999507e-3))
+    p = fma(p, r, splat_f32(8.3334519073e-3))
+    p = fma(p, r, splat_f32(4.1665795894e-2))
+    p = fma(p, r, splat_f32(1.6666665459e-1))
+    p = fma(p, r, splat_f32(5.0000001201e-1))
+    p = fadd(fma(fmul(p, r), r, r), splat_f32(1.0))
+    return fmul(p, bits2f(ishl(iadd(f2i(n), splat_i32(127)), 23)))
+
+
+@njit(fastmath=FM, cache=True)
+def _qk_tile(Q, D, h0, kvf, pef, R, P, t0, t1, t2, t3, scratch):
+    """scratch[hh*4 + tt] = Q[h0+hh] . [kv|pe][t_tt] for hh, tt in 0..3."""
+    c00 = zeros_f32(); c01 = zeros_f32(); c02 = zeros_f32(); c03 = zeros_f32()  # noqa: E702
+    c10 = zeros_f32(); c11 = zeros_f32(); c12 = zeros_f32(); c13 = zeros_f32()  # noqa: E702
+    c20 = zeros_f32(); c21 = zeros_f32(); c22 = zeros_f32(); c23 = zeros_f32()  # noqa: E702
+    c30 = zeros_f32(); c31 = zeros_f32(); c32 = zeros_f32(); c33 = zeros_f32()  # noqa: E702
+    q0 = h0 * D; q1 = q0 + D; q2 = q1 + D; q3 = q2 + D  # noqa: E702
+    k0 = t0 * R; k1 = t1 * R; k2 = t2 * R; k3 = t3 * R  # noqa: E702
+    Rv = R // 16 * 16
+    for d in range(0, Rv, 16):
+        a = load_f32(kvf, k0 + d); b = load_f32(kvf, k1 + d); c = load_f32(kvf, k2 + d); e = load_f32(kvf, k3 + d)  # noqa: E702,E501
+        q = load_f32(Q, q0 + d)
+        c00 = fma(q, a, c00); c01 = fma(q, b, c01); c02 = fma(q, c, c02); c03 = fma(q, e, c03)  # noqa: E702
+        q = load_f32(Q, q1 + d)
+        c10 = fma(q, a, c10); c11 = fma(q, b, c11); c12 = fma(q, c, c12); c13 = fma(q, e, c13)  # noqa: E702
+        q = load_f32(Q, q2 + d)
+        c20 = fma(q, a, c20); c21 = fma(q, b, c21); c22 = fma(q, c, c22); c23 = fma(q, e, c23)  # noqa: E702
+        q = load_f32(Q, q3 + d)
+        c30 = fma(q, a, c30); c31 = fma(q, b, c31); c32 = fma(q, c, c32); c33 = fma(q, e, c33)  # noqa: E702
+    k0 = t0 * P; k1 = t1 * P; k2 = t2 * P; k3 = t3 * P  # noqa: E702
+    q0 += R; q1 += R; q2 += R; q3 += R  # noqa: E702
+    Pv = P // 16 * 16
+    for d in range(0, Pv, 16):
+        a = load_f32(pef, k0 + d); b = load_f32(pef, k1 + d); c = load_f32(pef, k2 + d); e = load_f32(pef, k3 + d)  # noqa: E702,E501
+        q = load_f32(Q, q0 + d)
+        c00 = fma(q, a, c00); c01 = fma(q, b, c01); c02 = fma(q, c, c02); c03 = fma(q, e, c03)  # noqa: E702
+        q = load_f32(Q, q1 + d)
+        c10 = fma(q, a, c10); c11 = fma(q, b, c11); c12 = fma(q, c, c12); c13 = fma(q, e, c13)  # noqa: E702
+        q = load_f32(Q, q2 + d)
+        c20 = fma(q, a, c20); c21 = fma(q, b, c21); c22 = fma(q, c, c22); c23 = fma(q, e, c23)  # noqa: E702
+        q = load_f32(Q, q3 + d)
+        c30 = fma(q, a, c30); c31 = fma(q, b, c31); c32 = fma(q, c, c32); c33 = fma(q, e, c33)  # noqa: E702
+    store_f32(scratch, 0, hsum16(c00, c01, c02, c03, c10, c11, c12, c13,
+                                 c20, c21, c22, c23, c30, c31, c32, c33))
+    if Rv < R or Pv < P:   # scalar tails of the dot products
+        for hh in range(4):
+            qb = (h0 + hh) * D
+            for tt in range(4):
+                t = (t0, t1, t2, t3)[tt]
+                s = np.float32(0.0)
+                for d in range(Rv, R):
+                    s += Q[qb + d] * kvf[t * R + d]
+                for d in range(Pv, P):
+                    s += Q[qb + R + d] * pef[t * P + d]
+                scratch[hh * 4 + tt] += s
+
+
+@njit(fastmath=FM, cache=True)
+def _pv_tile4(Pm, Cs, h0, n, j0, kvf, R, O, rb):
+    """O[h0+hh, rb : rb+64] += sum_j Pm[h0+hh, j] kv[j0+j, rb : rb+64], hh in 0..3."""
+    o0 = h0 * R + rb; o1 = o0 + R; o2 = o1 + R; o3 = o2 + R  # noqa: E702
+    a00 = load_f32(O, o0); a01 = load_f32(O, o0 + 16); a02 = load_f32(O, o0 + 32); a03 = load_f32(O, o0 + 48)  # noqa: E702,E501
+    a10 = load_f32(O, o1); a11 = load_f32(O, o1 + 16); a12 = load_f32(O, o1 + 32); a13 = load_f32(O, o1 + 48)  # noqa: E702,E501
+    a20 = load_f32(O, o2); a21 = load_f32(O, o2 + 16); a22 = load_f32(O, o2 + 32); a23 = load_f32(O, o2 + 48)  # noqa: E702,E501
+    a30 = load_f32(O, o3); a31 = load_f32(O, o3 + 16); a32 = load_f32(O, o3 + 32); a33 = load_f32(O, o3 + 48)  # noqa: E702,E501
+    p0 = h0 * Cs; p1 = p0 + Cs; p2 = p1 + Cs; p3 = p2 + Cs  # noqa: E702
+    for j in range(n):
+        kb = (j0 + j) * R + rb
+        v0 = load_f32(kvf, kb); v1 = load_f32(kvf, kb + 16); v2 = load_f32(kvf, kb + 32); v3 = load_f32(kvf, kb + 48)  # noqa: E702,E501
+        p = splat_f32(Pm[p0 + j])
+        a00 = fma(p, v0, a00); a01 = fma(p, v1, a01); a02 = fma(p, v2, a02); a03 = fma(p, v3, a03)  # noqa: E702
+        p = splat_f32(Pm[p1 + j])
+        a10 = fma(p, v0, a10); a11 = fma(p, v1, a11); a12 = fma(p, v2, a12); a13 = fma(p, v3, a13)  # noqa: E702
+        p = splat_f32(Pm[p2 + j])
+        a20 = fma(p, v0, a20); a21 = fma(p, v1, a21); a22 = fma(p, v2, a22); a23 = fma(p, v3, a23)  # noqa: E702
+        p = splat_f32(Pm[p3 + j])
+        a30 = fma(p, v0, a30); a31 = fma(p, v1, a31); a32 = fma(p, v2, a32); a33 = fma(p, v3, a33)  # noqa: E702
+    store_f32(O, o0, a00); store_f32(O, o0 + 16, a01); store_f32(O, o0 + 32, a02); store_f32(O, o0 + 48, a03)  # noqa: E702,E501
+    store_f32(O, o1, a10); store_f32(O, o1 + 16, a11); store_f32(O, o1 + 32, a12); store_f32(O, o1 + 48, a13)  # noqa: E702,E501
+    store_f32(O, o2, a20); store_f32(O, o2 + 16, a21); store_f32(O, o2 + 32, a22); store_f32(O, o2 + 48, a23)  # noqa: E702,E501
+    store_f32(O, o3, a30); store_f32(O, o3 + 16, a31); store_f32(O, o3 + 32, a32); store_f32(O, o3 + 48, a33)  # noqa: E702,E501
+
+
+@njit(fastmath=FM, cache=True)
+def _pv_rest(Pm, Cs, h0, n, j0, kvf, R, O, rstart):
+    """Columns rstart..R-1 (fewer than 64): 16-wide vectors, then scalars."""
+    r = rstart
+    while r + 16 <= R:
+        for hh in range(4):
+            a = load_f32(O, (h0 + hh) * R + r)
+            for j in range(n):
+                a = fma(splat_f32(Pm[(h0 + hh) * Cs + j]), load_f32(kvf, (j0 + j) * R + r), a)
+            store_f32(O, (h0 + hh) * R + r, a)
+        r += 16
+    for c in range(r, R):
+        for hh in range(4):
+            s = O[(h0 + hh) * R + c]
+            for j in range(n):
+                s += Pm[(h0 + hh) * Cs + j] * kvf[(j0 + j) * R + c]
+            O[(h0 + hh) * R + c] = s
+
+
+@njit(fastmath=FM, cache=True)
+def _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch):
+    """Online-softmax attention of all Hp heads over tokens lo..hi-1 -> running (m, l, O)."""
+    Cs = S.shape[0] // Hp
+    for j0 in range(lo, hi, Cs):
+        n = min(Cs, hi - j0)
+        # scores
+        for h0 in range(0, Hp, 4):
+            for jj in range(0, n, 4):
+                t0 = j0 + jj
+                t1 = min(t0 + 1, j0 + n - 1)
+                t2 = min(t0 + 2, j0 + n - 1)
+                t3 = min(t0 + 3, j0 + n - 1)
+                _qk_tile(Q, D, h0, kvf, pef, R, P, t0, t1, t2, t3, scratch)
+                for hh in range(4):
+                    for tt in range(min(4, n - jj)):
+                        S[(h0 + hh) * Cs + jj + tt] = scratch[hh * 4 + tt]
+        # online softmax per head; S becomes p
+        nv = n // 16 * 16
+        for h in range(Hp):
+            sb = h * Cs
+            mc = m[h]
+            for j in range(n):
+                if S[sb + j] > mc:
+                    mc = S[sb + j]
+            alpha = np.float32(math.exp(m[h] - mc)) if m[h] > -np.inf else np.float32(0.0)
+            mv = splat_f32(mc)
+            ssum = zeros_f32()
+            for j in range(0, nv, 16):
+                p = _vexp(fsub(load_f32(S, sb + j), mv))
+                store_f32(S, sb + j, p)
+                ssum = fadd(ssum, p)
+            tot = np.float32(0.0)
+            for j in range(nv, n):
+                p = np.float32(math.exp(S[sb + j] - mc))
+                S[sb + j] = p
+                tot += p
+            tot += hsum(ssum)
+            l[h] = l[h] * alpha + tot
+            m[h] = mc
+            if alpha != 1.0:
+                av = splat_f32(alpha)
+                Rv = R // 16 * 16
+                for c in range(0, Rv, 16):
+                    store_f32(O, h * R + c, fmul(load_f32(O, h * R + c), av))
+                for c in range(Rv, R):
+                    O[h * R + c] *= alpha
+        # p @ kv
+        R64 = R // 64 * 64
+        for h0 in range(0, Hp, 4):
+            for rb in range(0, R64, 64):
+                _pv_tile4(S, Cs, h0, n, j0, kvf, R, O, rb)
+            if R64 < R:
+                _pv_rest(S, Cs, h0, n, j0, kvf, R, O, R64)
+
+
+@njit(parallel=True, cache=True)
+def _mla(Q, Hp, kv, pe, nparts, pm, pl, pO):
+    N, R = kv.shape
+    P = pe.shape[1]
+    D = R + P
+    kvf = kv.reshape(-1)
+    pef = pe.reshape(-1)
+    per = (N + nparts - 1) // nparts
+    for ip in prange(nparts):
+        lo = ip * per
+        hi = min(N, lo + per)
+        S = np.empty(Hp * CHUNK, np.float32)
+        scratch = np.zeros(16, np.float32)
+        m = pm[ip]
+        l = pl[ip]
+        O = pO[ip].reshape(-1)
+        for h in range(Hp):
+            m[h] = -np.inf
+            l[h] = 0.0
+        O[:] = 0.0
+        if lo < hi:
+            _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch)
+
+
+@njit(cache=True)
+def _merge(pm, pl, pO, H, out):
+    nparts = pm.shape[0]
+    R = out.shape[1]
+    for h in range(H):
+        M = -np.inf
+        for ip in range(nparts):
+            if pm[ip, h] > M:
+                M = pm[ip, h]
+        den = 0.0
+        acc = np.zeros(R, np.float64)
+        for ip in range(nparts):
+            if pl[ip, h] > 0.0:
+                w = math.exp(np.float64(pm[ip, h]) - M)
+                den += pl[ip, h] * w
+                for c in range(R):
+                    acc[c] += pO[ip, h, c] * w
+        for c in range(R):
+            out[h, c] = np.float32(acc[c] / den)
+
+
+def mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale, out=None):
+    """o_lat [H, R] float32. q_lat [H, R], q_pe [H, P], kv_cache [N, R], pe_cache [N, P] float32."""
+    q_lat = check(q_lat, "q_lat", np.float32, 2)
+    H, R = q_lat.shape
+    q_pe = check(q_pe, "q_pe", np.float32, 2, (H, None))
+    P = q_pe.shape[1]
+    kv_cache = check(kv_cache, "kv_cache", np.float32, 2, (None, R))
+    N = kv_cache.shape[0]
+    pe_cache = check(pe_cache, "pe_cache", np.float32, 2, (N, P))
+    if N == 0:
+        raise ValueError("kv_cache: empty (N = 0): nothing to attend to")
+    o = out_array(out, (H, R))
+    Hp = (H + 3) // 4 * 4
+    Q = np.zeros((Hp, R + P), np.float32)
+    Q[:H, :R] = q_lat * np.float32(scale)
+    Q[:H, R:] = q_pe * np.float32(scale)
+    nparts = max(1, min(numba.get_num_threads(), -(-N // CHUNK)))
+    pm = np.empty((nparts, Hp), np.float32)
+    pl = np.empty((nparts, Hp), np.float32)
+    pO = np.empty((nparts, Hp, R), np.float32)
+    _mla(Q.reshape(-1), Hp, kv_cache, pe_cache, nparts, pm, pl, pO)
+    _merge(pm, pl, pO, H, o)
+    return o

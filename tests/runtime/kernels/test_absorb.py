@@ -1,0 +1,23 @@
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kimi_desktop.runtime.kernels.absorb import absorb_q, absorb_q_ref
+
+
+@pytest.mark.parametrize("H,C,V,R", [(1, 3, 5, 7), (4, 32, 48, 64), (3, 17, 9, 130)])
+def test_absorb_q_matches_reference_and_float64(H, C, V, R):
+    rng = np.random.default_rng(H * 100 + R)
+    kv_b = rng.standard_normal((H * (C + V), R)).astype(ml_dtypes.bfloat16)
+    q = rng.standard_normal((H, C)).astype(np.float32)
+    got, ref = absorb_q(kv_b, q, C, V), absorb_q_ref(kv_b.view(np.uint16), q, C, V)
+    w64 = kv_b.astype(np.float64).reshape(H, C + V, R)[:, :C]
+    exact = np.einsum("hc,hcr->hr", q.astype(np.float64), w64)
+    bound = np.einsum("hc,hcr->hr", np.abs(q.astype(np.float64)), np.abs(w64)).max()
+    assert np.abs(ref - exact).max() <= 1e-6 * bound
+    assert np.abs(got - exact).max() <= 1e-6 * bound
+
+
+def test_absorb_q_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="kv_b"):
+        absorb_q(np.zeros((11, 4), np.uint16), np.zeros((2, 3), np.float32), 3, 2)
