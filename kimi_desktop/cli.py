@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_chat(sub)
     register_export_gguf(sub)
     register_prepare(sub)
+    from kimi_desktop.bench.run import register as register_bench
+    register_bench(sub)
     return ap
 
 

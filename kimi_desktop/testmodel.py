@@ -260,6 +260,7 @@ def make_test_model(out: str | Path, preset: str = "tiny", layout: str = "int4",
         specs = build_specs(cfg, layout, seed, routing_skew, fast_experts=(preset == "k2-slice"))
         write_checkpoint(tmp, specs, shards=shards)
         write_tokenizer_files(tmp, PRESET_DIMS[preset].n_base_tokens, seed=seed, flavor=flavor)
+        os.chmod(tmp, 0o755)                     # mkdtemp makes it private; a model folder is not
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -23,6 +23,15 @@ from typing import Callable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+def _umask_mode() -> int:
+    """0o666 less the process umask: what a plain open() would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()
+
 __all__ = [
     "CheckpointError", "TensorInfo", "SafetensorsFile", "Checkpoint", "ReadStats",
     "TensorSpec", "write_safetensors", "write_checkpoint", "specs_from_arrays", "dtype_code",
@@ -380,6 +389,7 @@ def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | Non
 def _write_file(path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> None:
     """Header from the specs, then each tensor's bytes; temp file + os.replace (no torn files)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)                    # mkstemp makes it private; weights are not
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_header_bytes(specs, metadata))
@@ -465,6 +475,7 @@ def write_checkpoint(folder: str | os.PathLike, specs: Sequence[TensorSpec], sha
         paths.append(path)
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
     fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_NAME}.", suffix=".tmp", dir=folder)
+    os.fchmod(fd, _FILE_MODE)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")

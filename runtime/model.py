@@ -20,7 +20,7 @@ from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
 from .config import ModelConfig, load_config
 from . import kernels
-from .kernels.absorb import absorb_q
+from .kernels.absorb import absorb_out, absorb_q
 from .profile import timer
 from .rope import Rope, softmax_scale
 
@@ -184,8 +184,7 @@ class Attention:
                 q_lat = absorb_q(kvb_w.weight, q_nope[0], C, V)                    # [H, R]
                 q_pe1 = np.ascontiguousarray(q_pe[0], dtype=np.float32)
                 o_lat = kernels.mla_decode_absorbed(q_lat, q_pe1, kv, pe, float(self.scale))   # [H, R]
-                rows = kvb_w.weight.reshape(H, C + V, R)
-                out = np.stack([kernels.bf16_gemv(rows[h, C:], o_lat[h]) for h in range(H)])[None]
+                out = absorb_out(kvb_w.weight, o_lat, C, V)[None]                  # [1, H, V]
             else:
                 w = kvb_w.dequantize().reshape(H, C + V, R)                        # [H, C+V, R] temporary
                 q_lat = np.einsum("thc,hcr->thr", q_nope, w[:, :C])                # [T, H, R]
@@ -257,6 +256,7 @@ class MoE:
         D, E = cfg.hidden_size, cfg.n_routed_experts
         self.cfg, self.layer, self.experts = cfg, i, experts
         self.next_moe: MoE | None = None          # set when the store can prefetch
+        self.recorder = None                      # a routing-trace recorder (offload.traces.TraceRecorder)
         ckpt.require(p + "gate.weight", shape=(E, D))
         self.gate = Lazy(lambda: ckpt.get(p + "gate.weight"))                          # [E, D], stored dtype
         self.bias = vector(ckpt, p + "gate.e_score_correction_bias", (E,))
@@ -280,13 +280,17 @@ class MoE:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with timer.stage("router"):
             idx, w = self.route(x)                                    # [T, K]
+            if self.recorder is not None:
+                self.recorder.record(self.layer, idx)
             if self.next_moe is not None and x.shape[0] <= PREFETCH_MAX_TOKENS:
                 # the next layer's router on this hidden state guesses its experts: read them
                 # while this layer computes (the store only uses spare I/O for it)
                 guess = np.unique(self.next_moe.route(x)[0])
                 self.experts.prefetch(self.next_moe.layer, guess.tolist())
-        out = np.zeros_like(x)
-        # group tokens by expert so each expert's weights are touched once per call
+        # group tokens by expert so each expert's weights are touched once per call; experts
+        # arrive in load order (hits first), results are summed in expert order so the output
+        # is the same bits whatever the cache held
+        parts = {}
         fetched = self.fetch(np.unique(idx))
         while True:
             with timer.stage("expert_fetch"):
@@ -296,8 +300,12 @@ class MoE:
             e, triple = item
             with timer.stage("experts"):
                 rows, k = np.nonzero(idx == e)
-                out[rows] += w[rows, k, None] * expert_mlp(*triple, x[rows])
+                parts[e] = rows, w[rows, k, None] * expert_mlp(*triple, x[rows])
             del item, triple                                          # unpin the slot at once
+        out = np.zeros_like(x)
+        for e in sorted(parts):
+            rows, y = parts[e]
+            out[rows] += y
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return out

@@ -3,7 +3,8 @@
 Legend: H heads, C = qk_nope_head_dim, V = v_head_dim, R = kv_lora_rank.
 kv_b is stored [H*(C+V), R]; head h's rows h*(C+V) .. h*(C+V)+C-1 are W_UK[h] [C, R].
     q_lat[h] = q_nope[h] @ W_UK[h]                 -> [H, R]
-(The output side, o[h] = W_UV[h] @ o_lat[h], is an ordinary GEMV per head: bf16_gemv.)
+and rows h*(C+V)+C .. h*(C+V)+C+V-1 are W_UV[h] [V, R]:
+    o[h] = W_UV[h] @ o_lat[h]                      -> [H, V]
 """
 
 from __future__ import annotations
@@ -43,4 +44,36 @@ def absorb_q(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray
         raise ValueError(f"q_nope: expected [{H}, {C}], got {q.shape}")
     out = np.empty((H, kv_b.shape[1]), np.float32)
     _absorb_q(kv_b, q, C, V, out)
+    return out
+
+
+def absorb_out_ref(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.ndarray:
+    """kv_b bf16 (uint16 view) [H*(C+V), R], o_lat f32 [H, R] -> o f32 [H, V]."""
+    H = o_lat.shape[0]
+    w = (kv_b.astype(np.uint32) << 16).view(np.float32).reshape(H, C + V, -1)[:, C:]
+    return np.einsum("hvr,hr->hv", w, o_lat).astype(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def _absorb_out(kv_b, o_lat, C, V, out):
+    H, R = o_lat.shape
+    for hv in prange(H * V):
+        h, v = hv // V, hv % V
+        row = kv_b[h * (C + V) + C + v]
+        acc = np.float32(0.0)
+        for r in range(R):
+            acc += o_lat[h, r] * np.uint32(np.uint32(row[r]) << 16).view(np.float32)
+        out[h, v] = acc
+
+
+def absorb_out(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.ndarray:
+    kv_b = kv_b.view(np.uint16)
+    H = o_lat.shape[0]
+    if kv_b.ndim != 2 or kv_b.shape[0] != H * (C + V) or not kv_b.flags.c_contiguous:
+        raise ValueError(f"kv_b: expected C-contiguous [{H}*({C}+{V}), R], got {kv_b.shape}")
+    o = np.ascontiguousarray(o_lat, dtype=np.float32)
+    if o.shape != (H, kv_b.shape[1]):
+        raise ValueError(f"o_lat: expected [{H}, {kv_b.shape[1]}], got {o.shape}")
+    out = np.empty((H, V), np.float32)
+    _absorb_out(kv_b, o, C, V, out)
     return out

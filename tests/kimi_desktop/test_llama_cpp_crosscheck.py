@@ -196,10 +196,13 @@ def test_logits_f32_file_exact(llm_f32, ref, tok, name):
 
 
 @pytest.mark.parametrize("name", ["short", "chinese", "chat", "long", "random"])
-def test_logits_q4_0_experts_exact(llm_q4_0, ref_q8, tok, name):
+def test_logits_q4_0_experts_exact(llm_q4_0, ref_q8, tok, name, monkeypatch):
     """Q4_0 experts from INT4, rest F32: equal to the reference that rounds expert inputs to Q8_0 as
     llama.cpp does. A few positions differ by ~1e-3: an activation within float noise of a Q8_0
-    rounding boundary goes the other way (the reference alone moves as much under 1e-6 input noise)."""
+    rounding boundary goes the other way (the reference alone moves as much under 1e-6 input noise).
+    The reference runs its plain-numpy products here: the numba kernels sum in another order, which
+    moves activations by ~1e-6 and so across more Q8_0 boundaries (flips that later positions inherit)."""
+    monkeypatch.setattr(runtime_model, "KERNELS", False)
     ids = prompts(tok)[name]
     got, want = llama_logits(llm_q4_0, ids), ref_q8.logits(ids)
     per_pos = np.abs(got - want).max(axis=-1) / np.abs(want).max()

@@ -1,0 +1,228 @@
+"""`kimi-desktop bench`: this engine and llama.cpp side by side, in one run, on the same model.
+
+Each engine runs in its own worker process (kimi_desktop.bench.worker) so that its peak RSS and
+its disk reads are its own. Regimes:
+- ram: the engine's files are read into the page cache first (experts fit in memory);
+- pressure: the page cache is dropped for the model files and a balloon process holds part of RAM,
+  so the model no longer fits (the native engine then streams experts into its budgeted cache).
+The machine's ceilings (DRAM read, O_DIRECT disk read, fp32 GEMM, kernel GB/s) are measured in the
+same run, so every number comes with the bound it should be read against.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from . import ceilings
+from .balloon import Balloon
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.kdpack"))
+
+
+def run_worker(engine: str, model: Path, args, extra: list[str] = ()) -> dict:
+    cmd = [sys.executable, "-m", "kimi_desktop.bench.worker", engine, str(model), "--prompt-len",
+           str(args.prompt_len), "--decode", str(args.decode), "--threads", str(args.threads), *extra]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"engine": engine, "error": p.stderr.strip().splitlines()[-1:] or ["failed"],
+                "wall_s": time.perf_counter() - t}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def measure_ceilings(model_dir: Path, args) -> dict:
+    out = {"dram_read_gbps": ceilings.dram_read_gbps(), "fp32_gemm_gflops": ceilings.gemm_gflops()}
+    shards = model_files(model_dir)
+    if shards:
+        ceilings.drop_page_cache(shards[:1])
+        out["odirect_read_gbps"] = ceilings.odirect_read_gbps(shards[0])
+    if args.kernels:
+        from kimi_desktop.runtime.kernels.microbench import run_microbench
+        out["kernels"] = run_microbench(threads=args.threads, seconds=0.5, quick=True)
+    return out
+
+
+def one_regime(name: str, model_dir: Path, gguf: Path | None, args) -> dict:
+    native_extra = []
+    if name == "pressure":
+        native_extra += ["--expert-budget-gb", str(args.expert_cache_gb), "--policy", args.policy]
+        if args.direct_io:
+            native_extra.append("--direct-io")
+    runs = {}
+    engines = [("native", model_dir, native_extra)]
+    if gguf is not None:
+        engines.append(("llama.cpp", gguf, []))
+    for engine, path, extra in engines:
+        files = model_files(model_dir) if engine == "native" else [gguf]
+        for f in model_files(model_dir) + ([gguf] if gguf else []):
+            ceilings.drop_page_cache([f])
+        if name == "ram":
+            ceilings.warm_page_cache(files)
+            runs[engine] = run_worker(engine, path, args, extra)
+        else:
+            avail = psutil.virtual_memory().available
+            hold = min(int(args.balloon_gb * (1 << 30)), max(avail - (6 << 30), 0))
+            with Balloon(hold) as b:
+                runs[engine] = run_worker(engine, path, args, extra)
+                runs[engine]["balloon_bytes"], runs[engine]["balloon_locked"] = hold, b.locked
+                runs[engine]["available_under_balloon"] = psutil.virtual_memory().available
+    nat, ll = runs.get("native", {}), runs.get("llama.cpp", {})
+    ratios = {}
+    for k in ("prefill_tok_s", "decode_tok_s"):
+        if k in nat and k in ll:
+            ratios[k] = nat[k] / ll[k]
+    if "tokens" in nat and "tokens" in ll:
+        same = 0
+        for a, b in zip(nat["tokens"], ll["tokens"]):
+            if a != b:
+                break
+            same += 1
+        ratios["greedy_tokens_agree"] = same
+    return {"runs": runs, "ratios": ratios}
+
+
+def policy_tables(model_dir: Path, args) -> dict:
+    """Hit rate per cache policy at 16/32/64/128 slots per layer: (a) on routing recorded from the
+    model's own router (the k2-slice with --routing-skew), (b) on synthetic DeepSeek-class traces."""
+    import numpy as np
+
+    from kimi_desktop.offload.traces import TraceRecorder, policy_table, synthetic_trace, trace_stats
+    from kimi_desktop.runtime import load_model
+    from kimi_desktop.runtime.model import MoE
+
+    model = load_model(model_dir)
+    rec = TraceRecorder(model.cfg.n_routed_experts, {"source": str(model_dir)})
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp.recorder = rec
+    s = model.session()
+    logits = s.feed(np.random.default_rng(1).integers(300, model.cfg.vocab_size - 256, args.trace_prompt).tolist())
+    for _ in range(args.trace_decode):                   # greedy decode: the model's own next tokens
+        logits = s.feed([int(np.argmax(logits))])
+    recorded = rec.to_trace()
+    slots = (16, 32, 64, 128)
+    out = {"recorded": {"stats": trace_stats(recorded), "hit_rate": policy_table(recorded, slots)}}
+    for name, kw in {"synthetic": {}, "synthetic-pessimistic": dict(reuse=0.7, lag_mean=12.0, window=256)}.items():
+        tr = synthetic_trace(4000, 4, n_experts=model.cfg.n_routed_experts, top_k=model.cfg.num_experts_per_tok,
+                             seed=0, **kw)
+        out[name] = {"stats": trace_stats(tr), "hit_rate": policy_table(tr, slots)}
+    return out
+
+
+def policy_text(tables: dict) -> str:
+    lines = []
+    for name, t in tables.items():
+        st = t["stats"]
+        lines.append(f"{name}: next-token reuse {st.get('reuse_next', float('nan')):.2f}, "
+                     f"reuse within 8 {st.get('reuse_within_8', float('nan')):.2f}, gini {st.get('gini', float('nan')):.2f}")
+        lines.append("| policy | " + " | ".join(f"{k} slots" for k in next(iter(t["hit_rate"].values()))) + " |")
+        lines.append("|---|" + "---:|" * len(next(iter(t["hit_rate"].values()))))
+        for pol, row in t["hit_rate"].items():
+            lines.append(f"| {pol} | " + " | ".join(f"{v:.1%}" for v in row.values()) + " |")
+    return "\n".join(lines)
+
+
+def model_bytes(model_dir: Path) -> dict:
+    from kimi_desktop.offload.safetensors import Checkpoint
+
+    ck = Checkpoint(model_dir)
+    experts = sum(ck.info(n).nbytes for n in ck.names() if ".mlp.experts." in n)
+    total = sum(ck.info(n).nbytes for n in ck.names())
+    ck.close()
+    return {"total": total, "routed_experts": experts, "resident": total - experts}
+
+
+def table(results: dict) -> str:
+    rows = ["| regime | engine | prefill tok/s | decode tok/s | read/token (decode) | hit rate | peak RSS |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for regime, r in results["regimes"].items():
+        for engine, run in r["runs"].items():
+            if "error" in run:
+                rows.append(f"| {regime} | {engine} | error: {run['error']} | | | | |")
+                continue
+            hit = run.get("expert_cache", {}).get("hit_rate")
+            rows.append(f"| {regime} | {engine} | {run['prefill_tok_s']:.1f} | {run['decode_tok_s']:.2f} | "
+                        f"{run['decode_read_per_token'] / 1e9:.2f} GB | "
+                        f"{'' if hit is None else f'{hit:.0%}'} | {run['peak_rss'] / 2**30:.1f} GiB |")
+        ratio = r["ratios"]
+        if ratio:
+            rows.append(f"| {regime} | native / llama.cpp | {ratio.get('prefill_tok_s', float('nan')):.2f}x | "
+                        f"{ratio.get('decode_tok_s', float('nan')):.2f}x | | | |")
+    c = results["ceilings"]
+    rows.append("")
+    rows.append(f"Ceilings: DRAM read {c['dram_read_gbps']:.1f} GB/s (numpy, 1 thread), O_DIRECT disk read "
+                f"{(c.get('odirect_read_gbps') or float('nan')):.2f} GB/s, fp32 GEMM "
+                f"{c['fp32_gemm_gflops']:.0f} GFLOP/s.")
+    return "\n".join(rows)
+
+
+def stage_table(results: dict) -> str:
+    lines = []
+    for regime, r in results["regimes"].items():
+        run = r["runs"].get("native", {})
+        st = run.get("stages_decode")
+        if not st:
+            continue
+        n = max(run.get("decode", 1), 1)
+        parts = ", ".join(f"{k} {1000 * v / n:.1f} ms" for k, v in sorted(st.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{regime}: per decoded token: {parts}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    model_dir = Path(args.model)
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is not None and not gguf.exists():
+        from kimi_desktop.gguf_export import export_gguf
+        print(f"exporting {gguf} ...", flush=True)
+        export_gguf(model_dir, gguf)
+    results = {"model": str(model_dir), "gguf": str(gguf) if gguf else None, "threads": args.threads,
+               "prompt_len": args.prompt_len, "decode": args.decode, "bytes": model_bytes(model_dir),
+               "machine": {"cpus": psutil.cpu_count(), "ram": psutil.virtual_memory().total},
+               "ceilings": measure_ceilings(model_dir, args), "regimes": {}}
+    for regime in args.regimes.split(","):
+        print(f"regime {regime} ...", flush=True)
+        results["regimes"][regime] = one_regime(regime, model_dir, gguf, args)
+    if args.traces:
+        print("routing traces ...", flush=True)
+        results["policies"] = policy_tables(model_dir, args)
+    text = table(results) + "\n\n" + stage_table(results)
+    if "policies" in results:
+        text += "\n\n" + policy_text(results["policies"])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"results: {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure this engine against llama.cpp side by side")
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. made with make-test-model --preset k2-slice)")
+    p.add_argument("--gguf", default=None, help="the same model as GGUF (exported if missing); omit to skip llama.cpp")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--threads", type=int, default=psutil.cpu_count(logical=True))
+    p.add_argument("--regimes", default="ram,pressure")
+    p.add_argument("--balloon-gb", type=float, default=13.0, help="RAM held during the pressure regime")
+    p.add_argument("--expert-cache-gb", type=float, default=3.0, help="native expert cache in the pressure regime")
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--direct-io", action="store_true", help="native expert reads with O_DIRECT")
+    p.add_argument("--kernels", action="store_true", help="also run the kernel micro-bench")
+    p.add_argument("--traces", action="store_true",
+                   help="also record the model's routing and report hit rate per cache policy")
+    p.add_argument("--trace-prompt", type=int, default=256)
+    p.add_argument("--trace-decode", type=int, default=256)
+    p.add_argument("--out", default=None, help="write all results as JSON")
+    p.set_defaults(func=main)

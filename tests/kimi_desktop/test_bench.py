@@ -1,0 +1,37 @@
+"""`kimi-desktop bench` end to end on the tiny model (correct plumbing, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_runs_both_engines_in_both_regimes(tiny_int4, tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "kimi_desktop", "bench", "--model", str(tiny_int4), "--gguf",
+           str(tmp_path / "tiny.gguf"), "--prompt-len", "8", "--decode", "4", "--threads", "1",
+           "--balloon-gb", "0.25", "--expert-cache-gb", "0.001", "--traces", "--trace-prompt", "40",
+           "--trace-decode", "8", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["regimes"]) == {"ram", "pressure"}
+    for regime in res["regimes"].values():
+        nat, ll = regime["runs"]["native"], regime["runs"]["llama.cpp"]
+        assert "error" not in nat and "error" not in ll, regime
+        assert len(nat["tokens"]) == len(ll["tokens"]) == 4
+        assert nat["prefill_tok_s"] > 0 and ll["decode_tok_s"] > 0 and nat["peak_rss"] > 0
+        assert regime["ratios"]["decode_tok_s"] > 0
+    pressure = res["regimes"]["pressure"]["runs"]["native"]
+    assert pressure["expert_cache"]["budget_bytes"] == int(0.001 * 2**30)
+    assert pressure["expert_cache"]["misses"] > 0
+    assert res["ceilings"]["dram_read_gbps"] > 0
+    assert set(res["policies"]["recorded"]["hit_rate"]) >= {"lru", "lfu", "belady"}
+    assert "native / llama.cpp" in r.stdout
