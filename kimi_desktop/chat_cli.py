@@ -60,8 +60,10 @@ def cmd_chat(args) -> int:
                         max_tokens=args.max_tokens, seed=args.seed)
     sampling.validate()
     opts = {"ctx": args.ctx} if args.ctx else {}
-    if args.expert_cache_gb is not None:
+    if args.engine == "native" and args.expert_cache_gb is not None:
         opts["expert_cache_bytes"] = int(args.expert_cache_gb * (1 << 30))
+    if args.engine == "llama.cpp" and args.threads:
+        opts["threads"] = args.threads
     engine = open_engine(args.engine, path, **opts)
     color = sys.stdout.isatty() and not args.no_color
     try:

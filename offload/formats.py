@@ -306,11 +306,14 @@ def _require_module_tensor(ckpt: Checkpoint, name: str, dtype, shape, hint: str 
 
 
 def load_linear(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
-                shape: tuple[int, int]) -> PlainLinear | Fp8BlockLinear | Int4Linear:
+                shape: tuple[int, int], resident: bool = False) -> PlainLinear | Fp8BlockLinear | Int4Linear:
     """The Linear module `prefix` (e.g. "model.layers.3.mlp.experts.5.gate_proj") of shape (out, in).
 
     Every check uses headers only; the only tensor data read here is weight_shape (2 ints).
+    `resident`: the stored bytes are copied into anonymous memory (Checkpoint.read) instead of
+    viewed through the mmap; for weights that every token uses.
     """
+    get = ckpt.read if resident else ckpt.get
     out_f, in_f = (int(d) for d in shape)
     kind = qconfig.kind(prefix)
     if kind == "int4":
@@ -333,20 +336,20 @@ def load_linear(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
         if stored != (out_f, in_f):
             raise CheckpointError(f"{ws.path}: tensor '{shape_name}': expected {(out_f, in_f)} "
                                   f"(from config.json), found {stored}")
-        return Int4Linear(ckpt.get(packed.name), ckpt.get(scale_name), (out_f, in_f), g)
+        return Int4Linear(get(packed.name), get(scale_name), (out_f, in_f), g)
 
     name = f"{prefix}.weight"
     allowed = ("F8_E4M3",) + PLAIN_DTYPES if kind == "fp8" else PLAIN_DTYPES
     hint = f"quantization_config in {qconfig.source or 'config.json'} says {prefix} is not int4"
     w = _require_module_tensor(ckpt, name, allowed, (out_f, in_f), hint)
     if w.dtype != "F8_E4M3":
-        return PlainLinear(ckpt.get(name))
+        return PlainLinear(get(name))
     b0, b1 = qconfig.block_size
     s_name = f"{prefix}.weight_scale_inv"
     if s_name not in ckpt:
         raise CheckpointError(f"{w.path}: tensor '{name}' is F8_E4M3 but '{s_name}' is missing")
     ckpt.require(s_name, "F32", (math.ceil(out_f / b0), math.ceil(in_f / b1)))
-    return Fp8BlockLinear(ckpt.get(name), ckpt.get(s_name), (b0, b1))
+    return Fp8BlockLinear(get(name), get(s_name), (b0, b1))
 
 
 # --------------------------------------------------------------------------- quantizers (for writing)

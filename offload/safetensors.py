@@ -343,6 +343,29 @@ class Checkpoint:
         self.stats.bytes_viewed += info.nbytes
         return arr
 
+    def read(self, name: str) -> np.ndarray:
+        """A resident copy in anonymous memory (huge pages where the kernel allows), filled by preadv.
+
+        For weights used by every token: file-backed mmap pages can't use transparent huge pages,
+        and their TLB misses cost ~20% of read bandwidth in GEMV; reading with preadv (not through
+        the mapping) also keeps the file's pages out of this process's RSS.
+        """
+        info = self.info(name)
+        buf = anonymous_buffer(info.nbytes)
+        with open(info.path, "rb", buffering=0) as f:
+            done = 0
+            view = memoryview(buf)
+            while done < info.nbytes:
+                n = os.preadv(f.fileno(), [view[done:info.nbytes]], info.start + done)
+                if n <= 0:
+                    raise CheckpointError(f"{info.path}: tensor '{name}': file ends inside its data")
+                done += n
+        self.stats.tensors_viewed += 1
+        self.stats.bytes_viewed += info.nbytes
+        arr = np.frombuffer(buf, dtype=info.np_dtype, count=math.prod(info.shape)).reshape(info.shape)
+        arr.flags.writeable = False
+        return arr
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()
@@ -355,6 +378,17 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.folder)!r}, {len(self._tensors)} tensors in {len(self.files)} files)"
+
+
+def anonymous_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory, advised to use transparent huge pages."""
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return buf
 
 
 # --------------------------------------------------------------------------- writing

@@ -82,8 +82,9 @@ def vector(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> Lazy:
 
 
 def lazy_linear(ckpt: Checkpoint, prefix: str, qcfg: QuantConfig, shape: tuple[int, int]) -> Lazy:
+    """A weight every token uses: read into resident memory on first use (routed experts are not)."""
     check_linear_headers(ckpt, prefix, qcfg, shape)
-    return Lazy(lambda: load_linear(ckpt, prefix, qcfg, shape))
+    return Lazy(lambda: load_linear(ckpt, prefix, qcfg, shape, resident=True))
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -172,11 +173,13 @@ class Attention:
             impl = "absorb" if T == 1 else "naive"
         if impl == "naive":
             kvb = linear(self.kv_b_proj(), kv).reshape(N, H, C + V)    # [N, H, C+V]
-            k_nope, v = kvb[..., :C], kvb[..., C:]
-            scores = (np.einsum("thc,nhc->htn", q_nope, k_nope)
-                      + np.einsum("thp,np->htn", q_pe, pe)) * self.scale
+            k_nope = kvb[..., :C].transpose(1, 2, 0)                 # [H, C, N]
+            v = kvb[..., C:].transpose(1, 0, 2)                      # [H, N, V]
+            # batched matmuls (BLAS), not einsum: prefill spends its attention time here
+            scores = (q_nope.transpose(1, 0, 2) @ k_nope
+                      + q_pe.transpose(1, 0, 2) @ pe.T) * self.scale   # [H, T, N]
             scores[:, mask] = -np.inf
-            out = np.einsum("htn,nhv->thv", softmax(scores), v)      # [T, H, V]
+            out = (softmax(scores) @ v).transpose(1, 0, 2)           # [T, H, V]
         elif impl == "absorb":
             kvb_w = self.kv_b_proj()
             if T == 1 and KERNELS and isinstance(kvb_w, PlainLinear) and kvb_w.weight.dtype == BF16:
@@ -258,14 +261,14 @@ class MoE:
         self.next_moe: MoE | None = None          # set when the store can prefetch
         self.recorder = None                      # a routing-trace recorder (offload.traces.TraceRecorder)
         ckpt.require(p + "gate.weight", shape=(E, D))
-        self.gate = Lazy(lambda: ckpt.get(p + "gate.weight"))                          # [E, D], stored dtype
+        self.gate = Lazy(lambda: PlainLinear(ckpt.read(p + "gate.weight")))              # [E, D], stored dtype
         self.bias = vector(ckpt, p + "gate.e_score_correction_bias", (E,))
         self.shared_experts = (MLP(ckpt, qcfg, p + "shared_experts.", D,
                                    cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
     def router_logits(self, x: np.ndarray) -> np.ndarray:
-        return x @ as_f32(self.gate()).T                                # [T, E]
+        return linear(self.gate(), x)                                 # [T, E]
 
     def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return route(self.router_logits(x), self.bias(), self.cfg)
@@ -377,6 +380,15 @@ class Model:
                 p = f"model.layers.{i}.mlp.experts.{e}."
                 for name, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
                     check_linear_headers(ckpt, p + name, qcfg, shape)
+
+    def materialize(self) -> None:
+        """Read every resident weight now (as loading a model in llama.cpp does), not on first use."""
+        for layer in self.layers:
+            for obj in (layer, layer.self_attn, layer.mlp, getattr(layer.mlp, "shared_experts", None)):
+                for v in vars(obj).values() if obj is not None else ():
+                    if isinstance(v, Lazy):
+                        v()
+        self.norm(), self.lm_head()
 
     def session(self) -> "Session":
         return Session(self)

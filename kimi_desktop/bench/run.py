@@ -60,23 +60,27 @@ def one_regime(name: str, model_dir: Path, gguf: Path | None, args) -> dict:
         if args.direct_io:
             native_extra.append("--direct-io")
     runs = {}
-    engines = [("native", model_dir, native_extra)]
+    # (label, engine, model path, worker flags); under pressure the native engine runs twice:
+    # with its budgeted expert cache, and with none at all (experts through the OS page cache)
+    engines = [("native", "native", model_dir, native_extra)]
+    if name == "pressure" and args.compare_page_cache:
+        engines.append(("native-pagecache", "native", model_dir, []))
     if gguf is not None:
-        engines.append(("llama.cpp", gguf, []))
-    for engine, path, extra in engines:
+        engines.append(("llama.cpp", "llama.cpp", gguf, []))
+    for label, engine, path, extra in engines:
         files = model_files(model_dir) if engine == "native" else [gguf]
         for f in model_files(model_dir) + ([gguf] if gguf else []):
             ceilings.drop_page_cache([f])
         if name == "ram":
             ceilings.warm_page_cache(files)
-            runs[engine] = run_worker(engine, path, args, extra)
+            runs[label] = run_worker(engine, path, args, extra)
         else:
             avail = psutil.virtual_memory().available
             hold = min(int(args.balloon_gb * (1 << 30)), max(avail - (6 << 30), 0))
             with Balloon(hold) as b:
-                runs[engine] = run_worker(engine, path, args, extra)
-                runs[engine]["balloon_bytes"], runs[engine]["balloon_locked"] = hold, b.locked
-                runs[engine]["available_under_balloon"] = psutil.virtual_memory().available
+                runs[label] = run_worker(engine, path, args, extra)
+                runs[label]["balloon_bytes"], runs[label]["balloon_locked"] = hold, b.locked
+                runs[label]["available_under_balloon"] = psutil.virtual_memory().available
     nat, ll = runs.get("native", {}), runs.get("llama.cpp", {})
     ratios = {}
     for k in ("prefill_tok_s", "decode_tok_s"):
@@ -219,6 +223,8 @@ def register(subparsers) -> None:
     p.add_argument("--expert-cache-gb", type=float, default=3.0, help="native expert cache in the pressure regime")
     p.add_argument("--policy", default="lru")
     p.add_argument("--direct-io", action="store_true", help="native expert reads with O_DIRECT")
+    p.add_argument("--no-page-cache-run", dest="compare_page_cache", action="store_false",
+                   help="skip the pressure run of the native engine without its expert cache")
     p.add_argument("--kernels", action="store_true", help="also run the kernel micro-bench")
     p.add_argument("--traces", action="store_true",
                    help="also record the model's routing and report hit rate per cache policy")

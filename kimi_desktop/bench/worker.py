@@ -28,6 +28,11 @@ def disk_read_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -43,6 +48,9 @@ def run_native(args) -> dict:
     budget = None if args.expert_budget_gb is None else int(args.expert_budget_gb * (1 << 30))
     model = load_model(args.model, expert_cache_bytes=budget, expert_policy=args.policy,
                        direct_io=args.direct_io)
+    t = time.perf_counter()
+    model.materialize()
+    load_s = time.perf_counter() - t
     ids = prompt_ids(args.prompt_len, model.cfg.vocab_size)
     timer.enabled = True
     s = model.session()
@@ -58,7 +66,7 @@ def run_native(args) -> dict:
         toks.append(tok)
         logits = s.feed([tok])
     t2, r2 = time.perf_counter(), disk_read_bytes()
-    out = dict(prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
+    out = dict(load_s=load_s, prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
                stages_prefill=prefill_stages, stages_decode=timer.snapshot(), tokens=toks)
     stats = getattr(model.experts, "stats", None)
     if callable(stats):
@@ -67,12 +75,13 @@ def run_native(args) -> dict:
 
 
 def run_llama(args) -> dict:
-    import llama_cpp
+    from kimi_desktop.engines.llama_cpp import load_llama
 
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.prompt_len + args.decode + 16, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_batch=max(args.prompt_len, 32), use_mmap=True,
-                          verbose=False)
+    t_load = time.perf_counter()
+    llm = load_llama(args.model, n_threads=args.threads, n_ctx=args.prompt_len + args.decode + 16,
+                     n_batch=max(args.prompt_len, 32), use_mmap=True)
     ids = prompt_ids(args.prompt_len, llm.n_vocab())
+    load_s = time.perf_counter() - t_load
     r0, t0 = disk_read_bytes(), time.perf_counter()
     llm.eval(ids)
     t1, r1 = time.perf_counter(), disk_read_bytes()
@@ -83,7 +92,8 @@ def run_llama(args) -> dict:
         toks.append(tok)
         llm.eval([tok])
     t2, r2 = time.perf_counter(), disk_read_bytes()
-    return dict(prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1, tokens=toks)
+    return dict(load_s=load_s, prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
+                tokens=toks)
 
 
 def main(argv=None) -> int:
