@@ -54,7 +54,7 @@ def absorb_out_ref(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.nd
     return np.einsum("hvr,hr->hv", w, o_lat).astype(np.float32)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)   # fastmath: lets LLVM vectorize the dot's reduction
 def _absorb_out(kv_b, o_lat, C, V, out):
     H, R = o_lat.shape
     for hv in prange(H * V):
