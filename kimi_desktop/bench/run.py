@@ -222,7 +222,9 @@ def register(subparsers) -> None:
     p.add_argument("--balloon-gb", type=float, default=13.0, help="RAM held during the pressure regime")
     p.add_argument("--expert-cache-gb", type=float, default=3.0, help="native expert cache in the pressure regime")
     p.add_argument("--policy", default="lru")
-    p.add_argument("--direct-io", action="store_true", help="native expert reads with O_DIRECT")
+    p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
+                   help="native expert reads through the page cache under pressure (default: O_DIRECT, "
+                        "measured 1.27 vs 0.43 GB/s here, 20 vs 14 tok/s prefill)")
     p.add_argument("--no-page-cache-run", dest="compare_page_cache", action="store_false",
                    help="skip the pressure run of the native engine without its expert cache")
     p.add_argument("--kernels", action="store_true", help="also run the kernel micro-bench")
