@@ -1107,7 +1107,7 @@ class ExpertStore:
         geom = self.geom
         for name in self._plan(key).shape_checks:
             module = name.split(".")[-2]
-            stored = tuple(int(v) for v in self.ckpt.get(name))
+            stored = tuple(int(v) for v in self.ckpt.read(name))   # pread: no mmap read-around
             if stored != geom.shape(module):
                 info = self.ckpt.info(name)
                 raise CheckpointError(f"{info.path}: tensor '{name}': expected {geom.shape(module)} "

@@ -332,7 +332,7 @@ def load_linear(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
                 f"([out, in/group_size] with group_size {g} from {qconfig.source}), found {scale.shape}")
         shape_name = f"{prefix}.weight_shape"
         ws = _require_module_tensor(ckpt, shape_name, ("I32", "I64"), (2,))
-        stored = tuple(int(v) for v in ckpt.get(shape_name))
+        stored = tuple(int(v) for v in ckpt.read(shape_name))     # pread: no mmap read-around
         if stored != (out_f, in_f):
             raise CheckpointError(f"{ws.path}: tensor '{shape_name}': expected {(out_f, in_f)} "
                                   f"(from config.json), found {stored}")

@@ -348,10 +348,13 @@ class Checkpoint:
 
         For weights used by every token: file-backed mmap pages can't use transparent huge pages,
         and their TLB misses cost ~20% of read bandwidth in GEMV; reading with preadv (not through
-        the mapping) also keeps the file's pages out of this process's RSS.
+        the mapping) also keeps the file's pages out of this process's RSS. Also for tiny tensors
+        inside expert data (weight_shape): a fault on the mapping reads around it by the device's
+        whole read-ahead window (8 MiB on the bench disk), a pread only the pages it needs.
         """
         info = self.info(name)
-        buf = anonymous_buffer(info.nbytes)
+        # small tensors (weight_shape, norms) in ordinary memory; a mapping per tensor is for big ones
+        buf = bytearray(info.nbytes) if info.nbytes < SMALL_READ else anonymous_buffer(info.nbytes)
         with open(info.path, "rb", buffering=0) as f:
             done = 0
             view = memoryview(buf)
@@ -378,6 +381,9 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.folder)!r}, {len(self._tensors)} tensors in {len(self.files)} files)"
+
+
+SMALL_READ = 1 << 20
 
 
 def anonymous_buffer(nbytes: int) -> mmap.mmap:

@@ -377,9 +377,10 @@ def test_load_linear_fp8_without_scale_inv(tmp_path):
 def test_load_linear_reads_only_weight_shape(tmp_path):
     ckpt = open_ckpt(tmp_path, int4_tensors(EXPERT, (48, 64)))
     k2 = QuantConfig.from_config(K2_THINKING_CONFIG, "config.json")
-    calls = []
-    real_get = ckpt.get
-    ckpt.get = lambda name: calls.append(name) or real_get(name)
+    views, reads = [], []
+    real_get, real_read = ckpt.get, ckpt.read
+    ckpt.get = lambda name: views.append(name) or real_get(name)
+    ckpt.read = lambda name: reads.append(name) or real_read(name)
     load_linear(ckpt, EXPERT, k2, (48, 64))
-    assert calls[0] == f"{EXPERT}.weight_shape"  # the only one whose values are read
-    assert sorted(calls[1:]) == [f"{EXPERT}.weight_packed", f"{EXPERT}.weight_scale"]
+    assert reads == [f"{EXPERT}.weight_shape"]  # the only one whose values are read (pread, not the mapping)
+    assert sorted(views) == [f"{EXPERT}.weight_packed", f"{EXPERT}.weight_scale"]
