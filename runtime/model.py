@@ -1,5 +1,8 @@
 """Kimi K2 / DeepSeek-V3 forward pass in numpy, over weights that stay in their stored format.
 
+Weight products go through `linear()`, which sends the stored formats to the numba kernels;
+`KERNELS = False` runs the plain-numpy reference products instead (both tested against transformers).
+
 Shapes: T = tokens in this call, N = tokens in the cache (incl. these), D = hidden_size,
 H = heads, R = kv_lora_rank, P = qk_rope_head_dim, C = qk_nope_head_dim, V = v_head_dim,
 E = routed experts, K = experts per token.
@@ -11,15 +14,14 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-import numpy as np
-
 import ml_dtypes
+import numpy as np
 
 from kimi_desktop.offload.formats import Fp8BlockLinear, Int4Linear, PlainLinear, QuantConfig, load_linear
 from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
-from .config import ModelConfig, load_config
 from . import kernels
+from .config import ModelConfig, load_config
 from .kernels.absorb import absorb_out, absorb_q
 from .profile import timer
 from .rope import Rope, softmax_scale
@@ -78,7 +80,7 @@ class Lazy:
 def vector(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> Lazy:
     """A small tensor (norm weight, router bias) as float32."""
     ckpt.require(name, shape=shape)
-    return Lazy(lambda: as_f32(ckpt.get(name)))
+    return Lazy(lambda: as_f32(ckpt.read(name)))
 
 
 def lazy_linear(ckpt: Checkpoint, prefix: str, qcfg: QuantConfig, shape: tuple[int, int]) -> Lazy:
@@ -395,7 +397,7 @@ class Model:
 
     def forward(self, ids: np.ndarray, cache: LatentCache, start: int, logits: str = "last") -> np.ndarray | None:
         """ids [T] at positions start.. -> logits [T, vocab] ("all"), [1, vocab] ("last") or None ("none")."""
-        x = as_f32(self.ckpt.get("model.embed_tokens.weight")[ids])                           # [T, D]
+        x = as_f32(self.ckpt.read_rows("model.embed_tokens.weight", ids))              # [T, D]
         for layer in self.layers:
             x = layer(x, cache, start, self.attn_impl)
         if logits == "none":

@@ -261,27 +261,36 @@ def where_eq(typingctx, a, b, x, y):
     return f32v(a, b, x, y), codegen
 
 
-@intrinsic
-def prefetch(typingctx, arr, idx):
-    """Prefetch the cache line holding arr.flat[idx] (never faults; any index is safe)."""
-    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
-        return None
+def _make_prefetch(locality, doc):
+    @intrinsic
+    def _pf(typingctx, arr, idx):
+        if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-        # plain integer arithmetic so that an out-of-range index is not UB in the GEP
-        base = builder.ptrtoint(ary.data, ir.IntType(64))
-        esz = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
-        addr = builder.add(base, builder.mul(i, ir.Constant(ir.IntType(64), esz)))
-        p = builder.inttoptr(addr, ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
-            "llvm.prefetch.p0")
-        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i = context.cast(builder, args[1], sig.args[1], types.intp)
+            # plain integer arithmetic so that an out-of-range index is not UB in the GEP
+            base = builder.ptrtoint(ary.data, ir.IntType(64))
+            esz = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+            addr = builder.add(base, builder.mul(i, ir.Constant(ir.IntType(64), esz)))
+            p = builder.inttoptr(addr, ir.IntType(8).as_pointer())
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
+            builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
 
-    return types.void(arr, idx), codegen
+        return types.void(arr, idx), codegen
+
+    _pf.__doc__ = doc
+    return _pf
+
+
+prefetch = _make_prefetch(3, "Prefetch the cache line holding arr.flat[idx] into L1 (prefetcht0; never faults; "
+                             "any index is safe).")
+prefetch_l2 = _make_prefetch(2, "Like prefetch, but to L2 only (prefetcht1): for streams read once a little later, "
+                                "where an L1 fill would evict lines still in use.")
 
 
 @intrinsic

@@ -3,8 +3,12 @@
 Layout: w bf16 [out, in] as uint16 bits (or ml_dtypes.bfloat16); bf16 -> f32 is (u16 << 16).
 Shape legend: out = rows, in = columns, T = tokens.
 
-- GEMV: 4 rows x 32 columns per step (two 16-lane accumulators per row), zero-extend + shift +
-  FMA = 3 vector ops per 16 weights, software prefetch of the next row block. Memory bound.
+- GEMV: 8 rows x 32 columns per step (two 16-lane accumulators per row), zero-extend + shift +
+  FMA = 3 vector ops per 16 weights, software prefetch (to L2, prefetcht1) of the next 8-row block.
+  Memory bound. Measured against 4 rows with prefetcht0: 8 row streams per thread and the L2 hint
+  lift 2 threads from ~88% to ~97% of the 2-thread numba read stream (163840x7168 and rotating
+  2048x7168 / 7168x8192 sets). A leftover 4-row block uses the 4-row kernel; per-row summation
+  order is the same in both, so results do not depend on which kernel a row went through.
 - GEMM (T > 1): decode 4 rows x 512 columns into an fp32 tile, shared 4x4 micro-kernel (_tile).
 Results are exact up to float32 summation order.
 """
@@ -14,8 +18,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FM, as_u16, bf16_to_f32, check, out_array
-from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, store_f32, u32_as_f32,
-                    zeros_f32)
+from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, prefetch_l2, store_f32,
+                    u32_as_f32, zeros_f32)
 from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens
 
 __all__ = ["bf16_gemv_ref", "bf16_gemm_ref", "bf16_gemv", "bf16_gemm"]
@@ -63,6 +67,48 @@ def _rows4(wf, x, xo, y, yo, r, n, pnext):
 
 
 @njit(fastmath=FM, cache=True)
+def _rows8(wf, x, y, r, n, pnext):
+    """y[r .. r+7]; prefetches (to L2) the block `pnext` rows further on. Same per-row order as _rows4."""
+    b0 = r * n; b1 = b0 + n; b2 = b1 + n; b3 = b2 + n  # noqa: E702
+    b4 = b3 + n; b5 = b4 + n; b6 = b5 + n; b7 = b6 + n  # noqa: E702
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
+    a4 = zeros_f32(); a5 = zeros_f32(); a6 = zeros_f32(); a7 = zeros_f32()  # noqa: E702
+    c0 = zeros_f32(); c1 = zeros_f32(); c2 = zeros_f32(); c3 = zeros_f32()  # noqa: E702
+    c4 = zeros_f32(); c5 = zeros_f32(); c6 = zeros_f32(); c7 = zeros_f32()  # noqa: E702
+    pn = pnext * n
+    nv = n // 32 * 32
+    for k in range(0, nv, 32):
+        prefetch_l2(wf, b0 + pn + k); prefetch_l2(wf, b1 + pn + k)  # noqa: E702
+        prefetch_l2(wf, b2 + pn + k); prefetch_l2(wf, b3 + pn + k)  # noqa: E702
+        prefetch_l2(wf, b4 + pn + k); prefetch_l2(wf, b5 + pn + k)  # noqa: E702
+        prefetch_l2(wf, b6 + pn + k); prefetch_l2(wf, b7 + pn + k)  # noqa: E702
+        xa = load_f32(x, k)
+        xb = load_f32(x, k + 16)
+        a0 = fma(_w(wf, b0 + k), xa, a0); c0 = fma(_w(wf, b0 + k + 16), xb, c0)  # noqa: E702
+        a1 = fma(_w(wf, b1 + k), xa, a1); c1 = fma(_w(wf, b1 + k + 16), xb, c1)  # noqa: E702
+        a2 = fma(_w(wf, b2 + k), xa, a2); c2 = fma(_w(wf, b2 + k + 16), xb, c2)  # noqa: E702
+        a3 = fma(_w(wf, b3 + k), xa, a3); c3 = fma(_w(wf, b3 + k + 16), xb, c3)  # noqa: E702
+        a4 = fma(_w(wf, b4 + k), xa, a4); c4 = fma(_w(wf, b4 + k + 16), xb, c4)  # noqa: E702
+        a5 = fma(_w(wf, b5 + k), xa, a5); c5 = fma(_w(wf, b5 + k + 16), xb, c5)  # noqa: E702
+        a6 = fma(_w(wf, b6 + k), xa, a6); c6 = fma(_w(wf, b6 + k + 16), xb, c6)  # noqa: E702
+        a7 = fma(_w(wf, b7 + k), xa, a7); c7 = fma(_w(wf, b7 + k + 16), xb, c7)  # noqa: E702
+    y0 = hsum(fadd(a0, c0)); y1 = hsum(fadd(a1, c1)); y2 = hsum(fadd(a2, c2)); y3 = hsum(fadd(a3, c3))  # noqa: E702
+    y4 = hsum(fadd(a4, c4)); y5 = hsum(fadd(a5, c5)); y6 = hsum(fadd(a6, c6)); y7 = hsum(fadd(a7, c7))  # noqa: E702
+    for k in range(nv, n):
+        xv = x[k]
+        y0 += u32_as_f32(np.uint32(wf[b0 + k]) << 16) * xv
+        y1 += u32_as_f32(np.uint32(wf[b1 + k]) << 16) * xv
+        y2 += u32_as_f32(np.uint32(wf[b2 + k]) << 16) * xv
+        y3 += u32_as_f32(np.uint32(wf[b3 + k]) << 16) * xv
+        y4 += u32_as_f32(np.uint32(wf[b4 + k]) << 16) * xv
+        y5 += u32_as_f32(np.uint32(wf[b5 + k]) << 16) * xv
+        y6 += u32_as_f32(np.uint32(wf[b6 + k]) << 16) * xv
+        y7 += u32_as_f32(np.uint32(wf[b7 + k]) << 16) * xv
+    y[r] = y0; y[r + 1] = y1; y[r + 2] = y2; y[r + 3] = y3  # noqa: E702
+    y[r + 4] = y4; y[r + 5] = y5; y[r + 6] = y6; y[r + 7] = y7  # noqa: E702
+
+
+@njit(fastmath=FM, cache=True)
 def _row1(wf, x, xo, y, yo, r, n):
     b = r * n
     a = zeros_f32()
@@ -79,12 +125,16 @@ def _row1(wf, x, xo, y, yo, r, n):
 def _bf16_gemv(w, x, y):
     out, n = w.shape
     wf = w.reshape(-1)
-    nb = out // 4
+    nb = out // 8
     for b in prange(nb):
-        r = 4 * b
-        _rows4(wf, x, 0, y, 0, r, n, 4 if r + 8 <= out else 0)
-    for r in range(4 * nb, out):
-        _row1(wf, x, 0, y, 0, r, n)
+        r = 8 * b
+        _rows8(wf, x, y, r, n, 8 if r + 16 <= out else 0)
+    r = 8 * nb
+    if r + 4 <= out:
+        _rows4(wf, x, 0, y, 0, r, n, 0)
+        r += 4
+    for rr in range(r, out):
+        _row1(wf, x, 0, y, 0, rr, n)
 
 
 @njit(fastmath=FM, cache=True)

@@ -350,3 +350,18 @@ def test_require_wrong_shape(sharded):
     with pytest.raises(CheckpointError, match=msg(info.path, "'lm_head.weight'",
                                                   "expected shape (163840, 7168)", "found (64, 32)")):
         ckpt.require("lm_head.weight", dtype="BF16", shape=(163840, 7168))
+
+
+def test_read_and_read_rows_copy_by_pread(tmp_path):
+    emb = random_array("BF16", (50, 24))
+    write_safetensors(tmp_path / "model.safetensors", {"emb": emb, "v": random_array("F32", (7,))})
+    ckpt = Checkpoint(tmp_path)
+    rows = [3, 0, 49, 3]
+    got = ckpt.read_rows("emb", rows)
+    assert got.dtype == emb.dtype and got.shape == (4, 24)
+    assert same_bits(got, emb[rows])
+    assert same_bits(ckpt.read("emb"), emb) and mmap_base(ckpt.read("v")) is None
+    with pytest.raises(IndexError, match="row out of range"):
+        ckpt.read_rows("emb", [50])
+    with pytest.raises(CheckpointError, match="needs a 2-D tensor"):
+        ckpt.read_rows("v", [0])
