@@ -29,21 +29,7 @@ GGML_TYPE_F32 = 0
 F32_CACHE = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 CLEAR_MARGIN = 0.05             # top-2 logit gap far above llama.cpp's ~1e-5 difference on this file
 
-MSGS = [{"role": "user", "content": "Hi"}]
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}},
-]
-TOOL_HISTORY = [
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "functions.get_weather:0", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
-    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
-    {"role": "user", "content": "And 2+3?"},
-]
+from tests.kimi_desktop.conversations import MSGS, TOOL_HISTORY, TOOLS  # noqa: E402
 CONVERSATIONS = [
     MSGS,
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，今天天气怎么样？"}],

@@ -15,22 +15,7 @@ from kimi_desktop.chat import (ChatRequestError, ContentDelta, Engine, Finish, R
 from kimi_desktop.engines import open_engine
 from kimi_desktop.engines.native import NativeEngine
 
-MSGS = [{"role": "user", "content": "Hi"}]
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}},
-]
-# one earlier tool call in the history -> the next call's IDX is 1
-TOOL_HISTORY = [
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "functions.get_weather:0", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
-    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
-    {"role": "user", "content": "And 2+3?"},
-]
+from tests.kimi_desktop.conversations import MSGS, TOOL_HISTORY, TOOLS
 
 
 @pytest.fixture(scope="module")

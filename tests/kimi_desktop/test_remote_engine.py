@@ -19,21 +19,7 @@ from kimi_desktop.engines import open_engine  # noqa: E402
 from kimi_desktop.engines.remote import (ChunkMapper, RemoteConnectionError, RemoteEngine,  # noqa: E402
                                          RemoteEngineError, normalize_base_url)
 
-MSGS = [{"role": "user", "content": "Hi"}]
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}},
-]
-TOOL_HISTORY = [
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "functions.get_weather:0", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
-    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
-    {"role": "user", "content": "And 2+3?"},
-]
+from tests.kimi_desktop.conversations import MSGS, TOOL_HISTORY, TOOLS  # noqa: E402
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
          "prompt_tokens_details": {"cached_tokens": 4}}
 
