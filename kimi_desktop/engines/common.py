@@ -10,8 +10,8 @@ conversation, with
     session.feed(ids)       # append; float32 logits of the last position [vocab], in the tokenizer's ids
 
 `LocalEngine` does the rest: validate and render the request, reuse the longest common token prefix,
-one generation at a time in FIFO order (FifoLock), a worker thread per stream that waits its turn,
-prefills and decodes token by token: sampler (runtime/sampling.py) -> constraint (tool_choice /
+one generation at a time in FIFO order (`QueuedEngine`, shared with the remote engine), a worker thread
+per stream that waits its turn, prefills and decodes token by token: sampler (runtime/sampling.py) -> constraint (tool_choice /
 response_format, constrain.py) -> K2 output parser -> stop strings -> events. Cancellation is checked
 before every forward pass, so at most the token in flight follows a cancel.
 
@@ -34,7 +34,7 @@ from kimi_desktop.chat import (ChatRequestError, ChatStream, ContentDelta, FifoL
 from kimi_desktop.constrain import Constrainer, Step, ToolSpec
 from kimi_desktop.runtime.sampling import NoAllowedToken, Sampler, SamplerConfig
 
-__all__ = ["LocalEngine", "common_prefix", "process_rss", "Emitter", "EXPERT_STATS_NONE"]
+__all__ = ["QueuedEngine", "LocalEngine", "common_prefix", "process_rss", "Emitter", "EXPERT_STATS_NONE"]
 
 # stats() keys of the routed-expert cache, for engines that have none (the UI shows "n/a")
 EXPERT_STATS_NONE = {
@@ -61,11 +61,85 @@ def process_rss() -> int:
         return 0
 
 
-class LocalEngine:
+class QueuedEngine:
+    """One generation at a time in FIFO order; each stream is served by a worker thread that waits
+    its turn (a cancelled waiter leaves the queue). Subclasses call `_init_queue()`, start requests
+    with `_start(stream, run, prompt_tokens)` and may override `_on_error(e)`."""
+
+    thread_name = "kimi-gen"
+
+    def _init_queue(self) -> None:
+        self.lock = FifoLock()
+        self._streams: set[ChatStream] = set()
+        self._threads: set[threading.Thread] = set()
+        self._state_lock = threading.Lock()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+
+    def _start(self, stream: ChatStream, run, prompt_tokens: int) -> ChatStream:
+        """Queue `run(stream)`; prompt_tokens is what Usage reports if the request is cancelled while waiting."""
+        ticket = self.lock.enqueue()
+        th = threading.Thread(target=self._serve, name=self.thread_name, daemon=True,
+                              args=(stream, ticket, run, prompt_tokens))
+        with self._state_lock:
+            self._streams.add(stream)
+            self._threads.add(th)
+        th.start()
+        return stream
+
+    def _serve(self, stream: ChatStream, ticket, run, prompt_tokens: int) -> None:
+        try:
+            if not self.lock.acquire(ticket, cancelled=lambda: stream.cancelled or self._closed):
+                stream.put(Usage(prompt_tokens, 0, 0))
+                stream.put(Finish("cancelled"))
+                stream.close()
+                return
+            try:
+                stream.mark_started()
+                run(stream)
+                stream.close()                  # before the next request can start (finished_at order)
+            finally:
+                self.lock.release(ticket)
+        except BaseException as e:      # never leave a reader hanging
+            self._on_error(e)
+            stream.close(error=e)
+        finally:
+            with self._state_lock:
+                self._streams.discard(stream)
+                self._threads.discard(threading.current_thread())
+
+    def _on_error(self, e: BaseException) -> None:
+        pass
+
+    def waiting(self) -> int:
+        return self.lock.waiting()
+
+    def _stop_workers(self, timeout: float) -> bool:
+        """Cancel every stream and wait for the workers; True when all of them have ended."""
+        self._closed = True
+        with self._state_lock:
+            streams, threads = list(self._streams), list(self._threads)
+        for s in streams:
+            s.cancel()
+        self.lock.wake()
+        for th in threads:
+            th.join(timeout)
+        return not any(th.is_alive() for th in threads)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalEngine(QueuedEngine):
     """Base of the engines that sample locally over logits (see the module docstring)."""
 
     kind = "local"
-    thread_name = "kimi-gen"
 
     def _init_local(self, tokenizer, session, ctx: int, vocab: int, end_ids: Iterable[int] = (),
                     allowed: np.ndarray | None = None) -> None:
@@ -84,11 +158,7 @@ class LocalEngine:
         self.think = sp.get("<think>")
         self.end_think = sp.get("</think>")
         self.thinking = self.think is not None and self.end_think is not None
-        self.lock = FifoLock()
-        self._streams: set[ChatStream] = set()
-        self._threads: set[threading.Thread] = set()
-        self._closed = False
-        self._state_lock = threading.Lock()
+        self._init_queue()
         self._masks: dict[Any, np.ndarray] = {}
         self._base_mask = None
         if allowed is not None:
@@ -109,8 +179,7 @@ class LocalEngine:
     # -- the API -----------------------------------------------------------------------------------
     def chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
              tool_choice: str | Mapping[str, Any] = "auto", sampling: Sampling | None = None) -> ChatStream:
-        if self._closed:
-            raise RuntimeError("the engine is closed")
+        self._check_open()
         sampling, norm_tools, (choice, name), (fmt, schema) = validate_request(
             messages, tools, tool_choice, sampling)
         prompt_tools = None if (choice == "none" or not tools) else list(tools)
@@ -131,18 +200,8 @@ class LocalEngine:
             budget = min(budget, sampling.max_tokens)
         constrainer = self._constrainer(choice, name, fmt, schema, norm_tools, messages, budget,
                                         sampling, ids[-1])
-        stream = ChatStream(on_cancel=self.lock.wake)
-        ticket = self.lock.enqueue()
-        th = threading.Thread(target=self._worker, name=self.thread_name, daemon=True,
-                              args=(stream, ticket, ids, budget, sampling, constrainer))
-        with self._state_lock:
-            self._streams.add(stream)
-            self._threads.add(th)
-        th.start()
-        return stream
-
-    def waiting(self) -> int:
-        return self.lock.waiting()
+        return self._start(ChatStream(on_cancel=self.lock.wake),
+                           lambda stream: self._generate(stream, ids, budget, sampling, constrainer), len(ids))
 
     def _encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -172,25 +231,11 @@ class LocalEngine:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel every stream, wait for the workers, release the backend."""
-        self._closed = True
-        with self._state_lock:
-            streams, threads = list(self._streams), list(self._threads)
-        for s in streams:
-            s.cancel()
-        self.lock.wake()
-        for th in threads:
-            th.join(timeout)
-        if not any(th.is_alive() for th in threads):
+        if self._stop_workers(timeout):
             self._release()
 
     def _release(self) -> None:
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- building a request ------------------------------------------------------------------------
     def _constrainer(self, choice, name, fmt, schema, tools, messages, budget, sampling, prompt_tail):
@@ -215,29 +260,11 @@ class LocalEngine:
         return None
 
     # -- the worker ----------------------------------------------------------------------------------
-    def _worker(self, stream: ChatStream, ticket, ids, budget, sampling, constrainer) -> None:
+    def _on_error(self, e: BaseException) -> None:
         try:
-            if not self.lock.acquire(ticket, cancelled=lambda: stream.cancelled or self._closed):
-                stream.put(Usage(len(ids), 0, 0))
-                stream.put(Finish("cancelled"))
-                stream.close()
-                return
-            try:
-                stream.mark_started()
-                self._generate(stream, ids, budget, sampling, constrainer)
-                stream.close()                  # before the next request can start (finished_at order)
-            finally:
-                self.lock.release(ticket)
-        except BaseException as e:      # never leave a reader hanging
-            try:
-                self.session.truncate(0)            # the cache may be half-written
-            except Exception:
-                pass
-            stream.close(error=e)
-        finally:
-            with self._state_lock:
-                self._streams.discard(stream)
-                self._threads.discard(threading.current_thread())
+            self.session.truncate(0)            # the cache may be half-written
+        except Exception:
+            pass
 
     def _mask(self, step: Step) -> np.ndarray:
         key = (step.text, step.specials, step.ban)

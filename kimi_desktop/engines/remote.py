@@ -44,11 +44,11 @@ import time
 import urllib.parse
 from typing import Any, Mapping, Sequence
 
-from kimi_desktop.chat import (ChatRequestError, ChatStream, ContentDelta, FifoLock, Finish, ReasoningDelta,
+from kimi_desktop.chat import (ChatRequestError, ChatStream, ContentDelta, Finish, ReasoningDelta,
                                Sampling, TokenLogprobs, ToolCallDelta, Usage, count_history_tool_calls,
                                validate_request)
 
-from .common import EXPERT_STATS_NONE, process_rss
+from .common import EXPERT_STATS_NONE, QueuedEngine, process_rss
 
 __all__ = ["RemoteEngine", "RemoteEngineError", "RemoteConnectionError", "ChunkMapper", "EXTRA_SAMPLING"]
 
@@ -267,7 +267,7 @@ class _Call:
             pass
 
 
-class RemoteEngine:
+class RemoteEngine(QueuedEngine):
     """The chat API on an OpenAI-compatible endpoint (see the module docstring).
 
     base_url: the API root (http://host:8000 gets /v1 appended). api_key: default $OPENAI_API_KEY,
@@ -280,6 +280,7 @@ class RemoteEngine:
     """
 
     kind = "remote"
+    thread_name = "kimi-remote-gen"
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
                  timeout: float = 600.0, *, max_retries: int = 2, extra_sampling: bool | None = None,
@@ -306,11 +307,7 @@ class RemoteEngine:
             client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=max_retries,
                                    timeout=openai.Timeout(self.timeout, connect=min(self.timeout, 15.0)))
         self.client = client
-        self.lock = FifoLock()
-        self._streams: set[ChatStream] = set()
-        self._threads: set[threading.Thread] = set()
-        self._state_lock = threading.Lock()
-        self._closed = False
+        self._init_queue()
         self._stats: dict[str, Any] = {
             "decode_tok_s": 0.0, "prefill_tok_s": None, "ttft_s": None,
             "last_prompt_tokens": 0, "last_prefill_tokens": 0, "last_cached_tokens": 0,
@@ -321,8 +318,7 @@ class RemoteEngine:
     # -- the API -----------------------------------------------------------------------------------
     def chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
              tool_choice: str | Mapping[str, Any] = "auto", sampling: Sampling | None = None) -> ChatStream:
-        if self._closed:
-            raise RuntimeError("the engine is closed")
+        self._check_open()
         sampling, _norm, _choice, _fmt = validate_request(messages, tools, tool_choice, sampling)
         kwargs = self.request_kwargs(messages, tools, tool_choice, sampling)
         mapper = ChunkMapper(count_history_tool_calls(messages), self.raw_k2_output)
@@ -332,15 +328,8 @@ class RemoteEngine:
             self.lock.wake()
             call.shutdown()
 
-        stream = ChatStream(on_cancel=on_cancel)
-        ticket = self.lock.enqueue()
-        th = threading.Thread(target=self._worker, name="kimi-remote-gen", daemon=True,
-                              args=(stream, ticket, call, kwargs, mapper))
-        with self._state_lock:
-            self._streams.add(stream)
-            self._threads.add(th)
-        th.start()
-        return stream
+        return self._start(ChatStream(on_cancel=on_cancel),
+                           lambda stream: self._run(stream, call, kwargs, mapper), 0)
 
     def request_kwargs(self, messages, tools, tool_choice, sampling: Sampling) -> dict:
         """The keyword arguments for client.chat.completions.create (without model and stream)."""
@@ -379,9 +368,6 @@ class RemoteEngine:
             kw["extra_body"] = extra
         return kw
 
-    def waiting(self) -> int:
-        return self.lock.waiting()
-
     def stats(self) -> dict:
         with self._state_lock:
             s = dict(self._stats)
@@ -395,24 +381,11 @@ class RemoteEngine:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel every stream, wait for the workers, close the client."""
-        self._closed = True
-        with self._state_lock:
-            streams, threads = list(self._streams), list(self._threads)
-        for s in streams:
-            s.cancel()
-        self.lock.wake()
-        for th in threads:
-            th.join(timeout)
+        self._stop_workers(timeout)
         try:
             self.client.close()
         except Exception:
             pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- internals ---------------------------------------------------------------------------------
     def _model_name(self) -> str:
@@ -427,28 +400,10 @@ class RemoteEngine:
             self.model = ids[0]
         return self.model
 
-    def _worker(self, stream: ChatStream, ticket, call: _Call, kwargs: dict, mapper: ChunkMapper) -> None:
-        try:
-            if not self.lock.acquire(ticket, cancelled=lambda: stream.cancelled or self._closed):
-                stream.put(Usage(0, 0, 0))
-                stream.put(Finish("cancelled"))
-                stream.close()
-                return
-            try:
-                stream.mark_started()
-                self._run(stream, call, kwargs, mapper)
-                stream.close()
-            finally:
-                self.lock.release(ticket)
-        except BaseException as e:          # never leave a reader hanging
-            with self._state_lock:
-                self._stats["errors"] += 1
-                self._stats["last_error"] = str(e)
-            stream.close(error=e)
-        finally:
-            with self._state_lock:
-                self._streams.discard(stream)
-                self._threads.discard(threading.current_thread())
+    def _on_error(self, e: BaseException) -> None:
+        with self._state_lock:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(e)
 
     def _run(self, stream: ChatStream, call: _Call, kwargs: dict, mapper: ChunkMapper) -> None:
         t0 = time.monotonic()
