@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ GGML_TYPE_F32 = 0
 F32_CACHE = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 CLEAR_MARGIN = 0.05             # top-2 logit gap far above llama.cpp's ~1e-5 difference on this file
 
-from tests.kimi_desktop.conversations import MSGS, TOOL_HISTORY, TOOLS  # noqa: E402
+from tests.kimi_desktop.engine_cases import MSGS, TOOL_HISTORY, TOOLS, cancel_after  # noqa: E402
 CONVERSATIONS = [
     MSGS,
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，今天天气怎么样？"}],
@@ -229,18 +228,7 @@ def test_logprobs_and_stop_string(engine):
 def test_cancel_from_another_thread_stops_within_one_token(engine, monkeypatch):
     feed = spy(monkeypatch, engine, delay=0.01)
     s = engine.chat(MSGS, sampling=Sampling(temperature=0, max_tokens=300))
-    seen = 0
-    t_cancel = None
-    n_before = 0
-    for ev in s:
-        if isinstance(ev, (ReasoningDelta, ContentDelta)):
-            seen += 1
-            if seen == 3:
-                th = threading.Thread(target=s.cancel)
-                th.start()
-                th.join()
-                t_cancel = time.monotonic()
-                n_before = len(feed.calls)
+    t_cancel, n_before = cancel_after(s, 3, at_cancel=lambda: len(feed.calls))
     assert t_cancel is not None and s.finish_reason == "cancelled"
     assert len([c for c in feed.calls if c[0] > t_cancel]) <= 1     # the check comes before every forward pass
     assert len(feed.calls) - n_before <= 1

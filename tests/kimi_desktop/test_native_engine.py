@@ -15,7 +15,7 @@ from kimi_desktop.chat import (ChatRequestError, ContentDelta, Engine, Finish, R
 from kimi_desktop.engines import open_engine
 from kimi_desktop.engines.native import NativeEngine
 
-from tests.kimi_desktop.conversations import MSGS, TOOL_HISTORY, TOOLS
+from tests.kimi_desktop.engine_cases import MSGS, TOOL_HISTORY, TOOLS, cancel_after
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +101,7 @@ def test_seed_reproduces_and_different_seeds_differ(engine):
 def test_cancel_from_another_thread_stops_within_one_token(engine, monkeypatch):
     feed = spy(monkeypatch, engine, delay=0.01)
     s = engine.chat(MSGS, sampling=Sampling(temperature=0, max_tokens=300))
-    seen = 0
-    t_cancel = None
-    for ev in s:
-        if isinstance(ev, (ReasoningDelta, ContentDelta)):
-            seen += 1
-            if seen == 3:
-                th = threading.Thread(target=s.cancel)
-                th.start()
-                th.join()
-                t_cancel = time.monotonic()
-                n_before = len(feed.calls)
+    t_cancel, n_before = cancel_after(s, 3, at_cancel=lambda: len(feed.calls))
     assert t_cancel is not None
     assert s.finish_reason == "cancelled"
     started_after = [c for c in feed.calls if c[0] > t_cancel]

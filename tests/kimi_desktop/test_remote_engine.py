@@ -19,7 +19,7 @@ from kimi_desktop.engines import open_engine  # noqa: E402
 from kimi_desktop.engines.remote import (ChunkMapper, RemoteConnectionError, RemoteEngine,  # noqa: E402
                                          RemoteEngineError, normalize_base_url)
 
-from tests.kimi_desktop.conversations import MSGS, TOOL_HISTORY, TOOLS  # noqa: E402
+from tests.kimi_desktop.engine_cases import MSGS, TOOL_HISTORY, TOOLS, cancel_after  # noqa: E402
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
          "prompt_tokens_details": {"cached_tokens": 4}}
 
@@ -300,16 +300,7 @@ def test_model_from_the_models_list(server):
 def test_cancel_closes_the_http_stream(server):
     e = remote(server, model="slow")
     s = e.chat(MSGS)
-    seen = 0
-    t_cancel = None
-    for ev in s:
-        if isinstance(ev, ContentDelta):
-            seen += 1
-            if seen == 3:
-                th = threading.Thread(target=s.cancel)
-                th.start()
-                th.join()
-                t_cancel = time.monotonic()
+    t_cancel, _ = cancel_after(s, 3, kinds=ContentDelta)
     t_end = time.monotonic()
     assert t_cancel is not None and s.finish_reason == "cancelled"
     assert t_end - t_cancel < 1.0
