@@ -16,6 +16,7 @@ import mmap
 import os
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -31,6 +32,25 @@ def _umask_mode() -> int:
 
 
 _FILE_MODE = _umask_mode()
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Write `path` through a temp file in its folder, renamed into place on success: readers never
+    see a torn file, and a failure leaves nothing behind. Created with the umask's usual mode."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)                    # mkstemp makes it private; weights are not
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 __all__ = [
     "CheckpointError", "TensorInfo", "SafetensorsFile", "Checkpoint", "ReadStats",
@@ -451,31 +471,21 @@ def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | Non
 
 
 def _write_file(path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> None:
-    """Header from the specs, then each tensor's bytes; temp file + os.replace (no torn files)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)                    # mkstemp makes it private; weights are not
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_header_bytes(specs, metadata))
-            for s in specs:
-                arr = s.make()
-                want = DTYPES[s.dtype]
-                if not isinstance(arr, np.ndarray) or arr.dtype != want or arr.shape != tuple(s.shape):
-                    found = (f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray)
-                             else type(arr).__name__)
-                    raise CheckpointError(f"{path}: tensor '{s.name}': make() must return {want} "
-                                          f"{tuple(s.shape)} ({s.dtype}), found {found}")
-                if arr.size:
-                    # uint8 view: the buffer protocol cannot export ml_dtypes' bf16 / fp8
-                    f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-                del arr
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Header from the specs, then each tensor's bytes, through atomic_file (no torn files)."""
+    with atomic_file(path) as f:
+        f.write(_header_bytes(specs, metadata))
+        for s in specs:
+            arr = s.make()
+            want = DTYPES[s.dtype]
+            if not isinstance(arr, np.ndarray) or arr.dtype != want or arr.shape != tuple(s.shape):
+                found = (f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray)
+                         else type(arr).__name__)
+                raise CheckpointError(f"{path}: tensor '{s.name}': make() must return {want} "
+                                      f"{tuple(s.shape)} ({s.dtype}), found {found}")
+            if arr.size:
+                # uint8 view: the buffer protocol cannot export ml_dtypes' bf16 / fp8
+                f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+            del arr
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
@@ -538,12 +548,9 @@ def write_checkpoint(folder: str | os.PathLike, specs: Sequence[TensorSpec], sha
         weight_map.update((s.name, path.name) for s in part)
         paths.append(path)
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-    fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_NAME}.", suffix=".tmp", dir=folder)
-    os.fchmod(fd, _FILE_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(folder / INDEX_NAME, "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, folder / INDEX_NAME)
     return paths
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -49,6 +48,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .experts import POLICIES, Clock, EvictionPolicy
+from .safetensors import atomic_file
 
 __all__ = ["Trace", "synthetic_trace", "trace_stats", "simulate", "policy_table", "format_table",
            "record_trace", "load_trace", "TraceRecorder", "BeladyPolicy", "SIM_POLICIES", "gini"]
@@ -303,17 +303,8 @@ def record_trace(path: str | os.PathLike, experts: np.ndarray, layers: Sequence[
                         n_experts=np.int64(tr.n_experts), meta=np.str_(json.dumps(tr.meta)),
                         format=np.str_(TRACE_FORMAT), version=np.int64(TRACE_VERSION))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(bio.getbuffer())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        f.write(bio.getbuffer())
     return path
 
 
