@@ -163,7 +163,31 @@ def split_for_tiktoken(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 
-class Tokenizer:
+class SpecialTokenDecoding:
+    """Decoding for a K2-layout vocabulary (ordinary ids below num_base, specials from it), given
+    decode_bytes(ids), num_base and _keep_on_skip (special ids kept by skip_special: those marked
+    special:false, the tool-call tokens). Shared by Tokenizer and the llama.cpp engine's GGUF vocab."""
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of ids (invalid UTF-8 becomes U+FFFD). skip_special drops special tokens, except
+        those marked special:false in tokenizer_config.json (the tool-call tokens)."""
+        if skip_special:
+            ids = self.drop_special(ids)
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Bytes of one token; a special token's bytes are its name in UTF-8."""
+        return self.decode_bytes([token_id])
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id >= self.num_base
+
+    def drop_special(self, ids: Iterable[int]) -> list[int]:
+        """ids without special tokens, except those marked special:false (the tool-call tokens)."""
+        return [i for i in ids if i < self.num_base or i in self._keep_on_skip]
+
+
+class Tokenizer(SpecialTokenDecoding):
     """Encode / decode K2 text; render chats with the checkpoint's template."""
 
     def __init__(self, ranks: dict[bytes, int], added_tokens: Mapping[int, Mapping[str, Any]],
@@ -209,24 +233,6 @@ class Tokenizer:
             bad = next((i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size)), None)
             raise ValueError(f"cannot decode token id {bad!r}: the vocabulary has ids "
                              f"0..{self.vocab_size - 1}") from None
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text of ids (invalid UTF-8 becomes U+FFFD). skip_special drops special tokens, except
-        those marked special:false in tokenizer_config.json (the tool-call tokens)."""
-        if skip_special:
-            ids = self.drop_special(ids)
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """Bytes of one token; a special token's bytes are its name in UTF-8."""
-        return self.decode_bytes([token_id])
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id >= self.num_base
-
-    def drop_special(self, ids: Iterable[int]) -> list[int]:
-        """ids without special tokens, except those marked special:false (the tool-call tokens)."""
-        return [i for i in ids if i < self.num_base or i in self._keep_on_skip]
 
     # -- chat --------------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,

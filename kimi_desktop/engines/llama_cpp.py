@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from kimi_desktop.runtime.tokenizer import SpecialTokenDecoding
+
 from .common import EXPERT_STATS_NONE, LocalEngine
 
 __all__ = ["LlamaCppEngine", "LlamaVocab", "LlamaSession", "vocab_map", "load_llama", "llama_logits",
@@ -139,7 +141,7 @@ def _piece(llama_cpp, vocab, token: int, special: bool, buf) -> bytes:
     return bytes(buf.raw[:n])
 
 
-class LlamaVocab:
+class LlamaVocab(SpecialTokenDecoding):
     """The runtime Tokenizer's interface (special_ids, num_base, vocab_size, eos_ids, ranks, encode,
     decode, decode_bytes, token_bytes, drop_special, render_chat) over a loaded GGUF's vocabulary:
     llama.cpp tokenizes; bytes of every token are read once.
@@ -210,20 +212,6 @@ class LlamaVocab:
                 raise ValueError(f"cannot decode token id {i!r}: the vocabulary has ids 0..{n - 1}")
             out.append(table[i])
         return b"".join(out)
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        if skip_special:
-            ids = self.drop_special(ids)
-        return self.decode_bytes(list(ids)).decode("utf-8", errors="replace")
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.decode_bytes([token_id])
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id >= self.num_base
-
-    def drop_special(self, ids: Iterable[int]) -> list[int]:
-        return [i for i in ids if i < self.num_base or i in self._keep_on_skip]
 
     # -- chat --------------------------------------------------------------------------------
     def special_tokens_map(self) -> dict[str, str]:
