@@ -71,13 +71,13 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .formats import Fp8BlockLinear, Int4Linear, PlainLinear, QuantConfig, load_linear
+from .formats import QuantConfig, build_linear, check_weight_shape, linear_tensors, load_linear
 from .safetensors import DTYPES, Checkpoint, CheckpointError, TensorInfo
 
 __all__ = [
     "ExpertStore", "ExpertStoreFull", "ExpertGeometry", "PartSpec", "MODULES", "POLICIES",
     "EvictionPolicy", "LRUPolicy", "LFUPolicy", "LeastStalePolicy", "RandomPolicy", "Clock",
-    "default_budget_bytes", "expert_parts", "build_linear", "PAGE",
+    "default_budget_bytes", "expert_parts", "PAGE",
 ]
 
 PAGE = 4096                  # alignment of slots, spans and O_DIRECT requests
@@ -189,40 +189,14 @@ class PartSpec:
 
 def expert_parts(ckpt: Checkpoint, qcfg: QuantConfig, layer: int, e: int,
                  geom: ExpertGeometry) -> list[tuple[PartSpec, TensorInfo]]:
-    """The tensors of expert (layer, e) in a fixed order, checked from headers only (the same
-    checks as formats.load_linear, except int4's weight_shape value, which is data)."""
+    """The tensors of expert (layer, e) in a fixed order, checked from headers only
+    (formats.linear_tensors; int4's weight_shape value is data, checked on first load)."""
     out = []
     for module in MODULES:
-        prefix = f"model.layers.{layer}.mlp.experts.{e}.{module}"
-        o, i = geom.shape(module)
-        if qcfg.kind(prefix) == "int4":
-            g = qcfg.group_size
-            if i % g:
-                raise CheckpointError(f"{ckpt.folder}: {prefix}: in_features {i} is not divisible by "
-                                      f"group_size {g} from {qcfg.source}")
-            p = ckpt.require(prefix + ".weight_packed", "I32", (o, -(-i // 8)))
-            s = ckpt.require(prefix + ".weight_scale", ("BF16", "F16", "F32"), (o, i // g))
-            ckpt.require(prefix + ".weight_shape", ("I32", "I64"), (2,))
-            out += [(PartSpec(module, "weight_packed", p.dtype, p.shape), p),
-                    (PartSpec(module, "weight_scale", s.dtype, s.shape), s)]
-            continue
-        allowed = ("F8_E4M3", "BF16", "F16", "F32") if qcfg.kind(prefix) == "fp8" else ("BF16", "F16", "F32")
-        w = ckpt.require(prefix + ".weight", allowed, (o, i))
-        out.append((PartSpec(module, "weight", w.dtype, w.shape), w))
-        if w.dtype == "F8_E4M3":
-            b0, b1 = qcfg.block_size
-            s = ckpt.require(prefix + ".weight_scale_inv", "F32", (-(-o // b0), -(-i // b1)))
-            out.append((PartSpec(module, "weight_scale_inv", s.dtype, s.shape), s))
+        tensors = linear_tensors(ckpt, f"model.layers.{layer}.mlp.experts.{e}.{module}", qcfg, geom.shape(module))
+        out += [(PartSpec(module, role, t.dtype, t.shape), t) for role, t in tensors.items()
+                if role != "weight_shape"]
     return out
-
-
-def build_linear(views: Mapping[str, np.ndarray], shape: tuple[int, int], qcfg: QuantConfig):
-    """A Linear from one module's tensors (role -> array)."""
-    if "weight_packed" in views:
-        return Int4Linear(views["weight_packed"], views["weight_scale"], shape, qcfg.group_size)
-    if "weight_scale_inv" in views:
-        return Fp8BlockLinear(views["weight"], views["weight_scale_inv"], qcfg.block_size)
-    return PlainLinear(views["weight"])
 
 
 @dataclass
@@ -1104,14 +1078,8 @@ class ExpertStore:
             self._check_shapes(key)
 
     def _check_shapes(self, key) -> None:
-        geom = self.geom
         for name in self._plan(key).shape_checks:
-            module = name.split(".")[-2]
-            stored = tuple(int(v) for v in self.ckpt.read(name))   # pread: no mmap read-around
-            if stored != geom.shape(module):
-                info = self.ckpt.info(name)
-                raise CheckpointError(f"{info.path}: tensor '{name}': expected {geom.shape(module)} "
-                                      f"(from config.json), found {stored}")
+            check_weight_shape(self.ckpt, self.ckpt.info(name), self.geom.shape(name.split(".")[-2]))
         self._checked.add(key)
 
     def _finish(self, slot: int, key):

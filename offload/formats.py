@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -305,18 +306,13 @@ def _require_module_tensor(ckpt: Checkpoint, name: str, dtype, shape, hint: str 
     return ckpt.require(name, dtype=dtype, shape=shape)
 
 
-def load_linear(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
-                shape: tuple[int, int], resident: bool = False) -> PlainLinear | Fp8BlockLinear | Int4Linear:
-    """The Linear module `prefix` (e.g. "model.layers.3.mlp.experts.5.gate_proj") of shape (out, in).
-
-    Every check uses headers only; the only tensor data read here is weight_shape (2 ints).
-    `resident`: the stored bytes are copied into anonymous memory (Checkpoint.read) instead of
-    viewed through the mmap; for weights that every token uses.
-    """
-    get = ckpt.read if resident else ckpt.get
+def linear_tensors(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
+                   shape: tuple[int, int]) -> dict[str, TensorInfo]:
+    """The tensors of Linear module `prefix` (e.g. "model.layers.3.mlp.experts.5.gate_proj") of
+    shape (out, in) by role (weight | weight_scale_inv | weight_packed, weight_scale, weight_shape),
+    checked from headers only; errors name the file, the tensor, what was expected and found."""
     out_f, in_f = (int(d) for d in shape)
-    kind = qconfig.kind(prefix)
-    if kind == "int4":
+    if qconfig.kind(prefix) == "int4":
         g = qconfig.group_size
         hint = f"quantization_config in {qconfig.source} says {prefix} is int4"
         packed = _require_module_tensor(ckpt, f"{prefix}.weight_packed", "I32",
@@ -330,26 +326,55 @@ def load_linear(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
             raise CheckpointError(
                 f"{scale.path}: tensor '{scale_name}': expected shape {(out_f, in_f // g)} "
                 f"([out, in/group_size] with group_size {g} from {qconfig.source}), found {scale.shape}")
-        shape_name = f"{prefix}.weight_shape"
-        ws = _require_module_tensor(ckpt, shape_name, ("I32", "I64"), (2,))
-        stored = tuple(int(v) for v in ckpt.read(shape_name))     # pread: no mmap read-around
-        if stored != (out_f, in_f):
-            raise CheckpointError(f"{ws.path}: tensor '{shape_name}': expected {(out_f, in_f)} "
-                                  f"(from config.json), found {stored}")
-        return Int4Linear(get(packed.name), get(scale_name), (out_f, in_f), g)
+        ws = _require_module_tensor(ckpt, f"{prefix}.weight_shape", ("I32", "I64"), (2,))
+        return {"weight_packed": packed, "weight_scale": scale, "weight_shape": ws}
 
     name = f"{prefix}.weight"
-    allowed = ("F8_E4M3",) + PLAIN_DTYPES if kind == "fp8" else PLAIN_DTYPES
+    allowed = ("F8_E4M3",) + PLAIN_DTYPES if qconfig.kind(prefix) == "fp8" else PLAIN_DTYPES
     hint = f"quantization_config in {qconfig.source or 'config.json'} says {prefix} is not int4"
     w = _require_module_tensor(ckpt, name, allowed, (out_f, in_f), hint)
     if w.dtype != "F8_E4M3":
-        return PlainLinear(get(name))
+        return {"weight": w}
     b0, b1 = qconfig.block_size
     s_name = f"{prefix}.weight_scale_inv"
     if s_name not in ckpt:
         raise CheckpointError(f"{w.path}: tensor '{name}' is F8_E4M3 but '{s_name}' is missing")
-    ckpt.require(s_name, "F32", (math.ceil(out_f / b0), math.ceil(in_f / b1)))
-    return Fp8BlockLinear(get(name), get(s_name), (b0, b1))
+    return {"weight": w, "weight_scale_inv": ckpt.require(s_name, "F32", (math.ceil(out_f / b0),
+                                                                         math.ceil(in_f / b1)))}
+
+
+def check_weight_shape(ckpt: Checkpoint, info: TensorInfo, shape: tuple[int, int]) -> None:
+    """An INT4 module's stored weight_shape (data: 2 ints, read with pread, not through the mapping,
+    whose fault would read around it by the disk's whole read-ahead window) against config.json."""
+    stored = tuple(int(v) for v in ckpt.read(info.name))
+    if stored != tuple(int(d) for d in shape):
+        raise CheckpointError(f"{info.path}: tensor '{info.name}': expected {tuple(shape)} "
+                              f"(from config.json), found {stored}")
+
+
+def build_linear(arrays: Mapping[str, np.ndarray], shape: tuple[int, int],
+                 qconfig: QuantConfig) -> PlainLinear | Fp8BlockLinear | Int4Linear:
+    """A Linear from one module's arrays by role (as linear_tensors names them)."""
+    if "weight_packed" in arrays:
+        return Int4Linear(arrays["weight_packed"], arrays["weight_scale"], tuple(shape), qconfig.group_size)
+    if "weight_scale_inv" in arrays:
+        return Fp8BlockLinear(arrays["weight"], arrays["weight_scale_inv"], qconfig.block_size)
+    return PlainLinear(arrays["weight"])
+
+
+def load_linear(ckpt: Checkpoint, prefix: str, qconfig: QuantConfig,
+                shape: tuple[int, int], resident: bool = False) -> PlainLinear | Fp8BlockLinear | Int4Linear:
+    """The Linear module `prefix` of shape (out, in), its arrays viewed through the mmap.
+
+    Every check uses headers only; the only tensor data read here is weight_shape (2 ints).
+    `resident`: the stored bytes are copied into anonymous memory (Checkpoint.read) instead of
+    viewed through the mmap; for weights that every token uses.
+    """
+    get = ckpt.read if resident else ckpt.get
+    tensors = linear_tensors(ckpt, prefix, qconfig, shape)
+    if "weight_shape" in tensors:
+        check_weight_shape(ckpt, tensors.pop("weight_shape"), shape)
+    return build_linear({role: get(info.name) for role, info in tensors.items()}, shape, qconfig)
 
 
 # --------------------------------------------------------------------------- quantizers (for writing)

@@ -39,8 +39,8 @@ from typing import Callable
 
 import numpy as np
 
-from .experts import (MODULES, PACK_INDEX, PAGE, ExpertGeometry, PartSpec, build_linear,
-                      expert_parts)
+from .experts import MODULES, PACK_INDEX, PAGE, ExpertGeometry, PartSpec, expert_parts
+from .formats import build_linear
 from .formats import QuantConfig
 from .safetensors import DTYPES, Checkpoint, CheckpointError
 

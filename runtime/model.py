@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Protocol
 import ml_dtypes
 import numpy as np
 
-from kimi_desktop.offload.formats import Fp8BlockLinear, Int4Linear, PlainLinear, QuantConfig, load_linear
+from kimi_desktop.offload.formats import (Fp8BlockLinear, Int4Linear, PlainLinear, QuantConfig, linear_tensors,
+                                         load_linear)
 from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
 from . import kernels
@@ -85,7 +86,7 @@ def vector(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> Lazy:
 
 def lazy_linear(ckpt: Checkpoint, prefix: str, qcfg: QuantConfig, shape: tuple[int, int]) -> Lazy:
     """A weight every token uses: read into resident memory on first use (routed experts are not)."""
-    check_linear_headers(ckpt, prefix, qcfg, shape)
+    linear_tensors(ckpt, prefix, qcfg, shape)
     return Lazy(lambda: load_linear(ckpt, prefix, qcfg, shape, resident=True))
 
 
@@ -381,7 +382,7 @@ class Model:
             for e in range(cfg.n_routed_experts):
                 p = f"model.layers.{i}.mlp.experts.{e}."
                 for name, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
-                    check_linear_headers(ckpt, p + name, qcfg, shape)
+                    linear_tensors(ckpt, p + name, qcfg, shape)
 
     def materialize(self) -> None:
         """Read every resident weight now (as loading a model in llama.cpp does), not on first use."""
@@ -421,19 +422,6 @@ class Model:
             if tok in self.end_ids:
                 return
             logits = s.feed([tok])
-
-
-def check_linear_headers(ckpt: Checkpoint, prefix: str, qcfg: QuantConfig, shape: tuple[int, int]) -> None:
-    out, inp = shape
-    if qcfg.kind(prefix) == "int4":
-        g = qcfg.group_size
-        ckpt.require(prefix + ".weight_packed", dtype="I32", shape=(out, -(-inp // 8)))
-        ckpt.require(prefix + ".weight_scale", shape=(out, inp // g))
-    else:
-        info = ckpt.require(prefix + ".weight", shape=shape)
-        if info.dtype == "F8_E4M3":
-            b0, b1 = qcfg.block_size
-            ckpt.require(prefix + ".weight_scale_inv", dtype="F32", shape=(-(-out // b0), -(-inp // b1)))
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
