@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
 
-from kimi_desktop.offload.formats import (Fp8BlockLinear, Int4Linear, PlainLinear, QuantConfig, linear_tensors,
-                                         load_linear)
+from kimi_desktop.offload.formats import (Fp8BlockLinear, Int4Linear, Linear, PlainLinear, QuantConfig,
+                                         linear_tensors, load_linear)
 from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
 from . import kernels
@@ -31,14 +31,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 KERNELS = True                  # False: numpy reference products only (kept for tests and debugging)
 ATTN_IMPLS = ("auto", "naive", "absorb")
 PREFETCH_MAX_TOKENS = 4         # decode-sized calls; prefill reads every expert of a layer anyway
-
-
-class Linear(Protocol):
-    shape: tuple[int, int]
-
-    def matmul(self, x: np.ndarray) -> np.ndarray: ...
-
-    def dequantize(self, rows: slice | None = None) -> np.ndarray: ...
 
 
 def linear(w: Linear, x: np.ndarray) -> np.ndarray:
