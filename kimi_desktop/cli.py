@@ -33,6 +33,7 @@ def cmd_generate(args) -> int:
     path = _model_path(args)
     budget = None if args.expert_cache_gb is None else int(args.expert_cache_gb * (1 << 30))
     model = load_model(path, expert_cache_bytes=budget)
+    model.warmup()
     tok = None
     if args.prompt is not None:
         from kimi_desktop.runtime import load_tokenizer

@@ -7,7 +7,9 @@
         ...
     store.stats()                                 # hits, misses, recall, bytes, GB/s, ...
 
-Memory. One anonymous mmap (page-aligned, committed lazily by the OS) of n_slots equal slots,
+Memory. One anonymous mmap (page-aligned, huge pages where the kernel allows, every page faulted
+in when the store opens: a read into untouched memory pays the faults inside the read, measured
+1.3 vs 2.3 GB/s O_DIRECT and 0.6 vs 0.03 s of system CPU per GB here) of n_slots equal slots,
 n_slots = budget_bytes // slot_bytes (or n_slots= directly). slot_bytes = an expert's tensor bytes
 plus at most 2 pages of alignment slack per tensor, rounded up to 4 KiB (K2: 24.77 MB + 48 KiB);
 with an expert pack, the pack's block size. Experts are planned lazily (headers only, on first
@@ -72,7 +74,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from .formats import QuantConfig, build_linear, check_weight_shape, linear_tensors, load_linear
-from .safetensors import DTYPES, Checkpoint, CheckpointError, TensorInfo
+from .safetensors import DTYPES, Checkpoint, CheckpointError, TensorInfo, anonymous_buffer
 
 __all__ = [
     "ExpertStore", "ExpertStoreFull", "ExpertGeometry", "PartSpec", "MODULES", "POLICIES",
@@ -598,7 +600,8 @@ class ExpertStore:
             self.close()
             raise ValueError(f"expert budget of {self.budget_bytes} bytes holds no slot: one expert slot "
                              f"is {self.slot_bytes} bytes")
-        self._pool = mmap.mmap(-1, self.n_slots * self.slot_bytes)   # page-aligned, committed lazily
+        # page-aligned and faulted in now: reads into fresh pages would pay the faults inside the read
+        self._pool = anonymous_buffer(self.n_slots * self.slot_bytes, populate=True)
         self._pool_mv = memoryview(self._pool)
         n = self.n_slots
         self._key: list = [None] * n
@@ -1013,8 +1016,12 @@ class ExpertStore:
         pool = self._demand_pool if demand else self._prefetch_pool
         plan = self._plan(key)
         base = slot * self.slot_bytes
-        load.remaining = len(plan.chunks)
+        check = bool(plan.shape_checks) and key not in self._checked
+        load.remaining = len(plan.chunks) + check
         load.pool = pool
+        if check:       # weight_shape values: tiny reads, in flight with the slot's (not after them)
+            pool.submit(self._check_shapes, key).add_done_callback(
+                lambda f, load=load: self._chunk_done(load, None, None, f))
         for chunk in plan.chunks:
             load.futures.append(self._submit(pool, load, chunk, base))
 

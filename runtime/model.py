@@ -166,11 +166,15 @@ class Attention:
         mask = np.arange(N)[None, :] > pos[:, None]                  # [T, N]
         if impl == "auto":
             impl = "absorb" if T == 1 else "naive"
-        if impl == "naive":
+        if impl == "naive" and KERNELS:
+            q[..., C:] = q_pe                                         # [T, H, C+P], rotated
+            kvb = linear(self.kv_b_proj(), kv).reshape(N, H, C + V)    # [N, H, C+V]
+            out = kernels.mla_prefill(q, kvb, pe, start, float(self.scale), C)   # [T, H, V]
+        elif impl == "naive":
             kvb = linear(self.kv_b_proj(), kv).reshape(N, H, C + V)    # [N, H, C+V]
             k_nope = kvb[..., :C].transpose(1, 2, 0)                 # [H, C, N]
             v = kvb[..., C:].transpose(1, 0, 2)                      # [H, N, V]
-            # batched matmuls (BLAS), not einsum: prefill spends its attention time here
+            # the numpy reference: batched matmuls (BLAS)
             scores = (q_nope.transpose(1, 0, 2) @ k_nope
                       + q_pe.transpose(1, 0, 2) @ pe.T) * self.scale   # [H, T, N]
             scores[:, mask] = -np.inf
@@ -384,6 +388,10 @@ class Model:
                     if isinstance(v, Lazy):
                         v()
         self.norm(), self.lm_head()
+
+    def warmup(self) -> float:
+        """Ready the numba kernels now (compile or cache load), not in the first request; seconds."""
+        return kernels.warmup() if KERNELS else 0.0
 
     def session(self) -> "Session":
         return Session(self)

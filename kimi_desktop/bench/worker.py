@@ -50,6 +50,7 @@ def run_native(args) -> dict:
                        direct_io=args.direct_io)
     t = time.perf_counter()
     model.materialize()
+    model.warmup()
     load_s = time.perf_counter() - t
     ids = prompt_ids(args.prompt_len, model.cfg.vocab_size)
     timer.enabled = True

@@ -30,6 +30,7 @@ class NativeEngine(LocalEngine):
         self.path = Path(model_path)
         self.model = model if model is not None else load_model(
             self.path, expert_cache_bytes=expert_cache_bytes, direct_io=direct_io)
+        self.model.warmup()
         tok = tokenizer if tokenizer is not None else load_tokenizer(self.path)
         cfg = self.model.cfg
         max_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None

@@ -12,8 +12,11 @@ dtypes and contiguity and allocates the output; the model calls only the launche
     router_topk(logits, bias, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor)
                                              -> (idx int32 [T, k], weights float32 [T, k])
     mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale) -> o_lat [H, R]
+    mla_prefill(q, kvb, pe, start, scale, C)  -> out [T, H, V]   causal, latent expanded by kv_b
 
-Threads: set_threads(n) (numba.set_num_threads; default all cores). Measurements: microbench.py.
+warmup() runs each of them once on tiny inputs, so numba's compile / cache load happens at load time,
+not in the first request. Threads: set_threads(n) (numba.set_num_threads; default all cores).
+Measurements: microbench.py.
 """
 from __future__ import annotations
 
@@ -23,17 +26,20 @@ from .bf16 import bf16_gemm, bf16_gemm_ref, bf16_gemv, bf16_gemv_ref
 from .fp8 import FP8_E4M3_LUT, fp8_dequant_ref, fp8_gemm, fp8_gemm_ref, fp8_gemv, fp8_gemv_ref, fp8_to_f32
 from .int4 import int4_dequant_ref, int4_gemm, int4_gemm_ref, int4_gemv, int4_gemv_ref, int4_unpack_ref
 from .mla import mla_decode_absorbed, mla_decode_absorbed_ref
+from .mla_prefill import mla_prefill, mla_prefill_ref
 from .norm import rmsnorm, rmsnorm_ref
 from .rope import rope_interleaved, rope_interleaved_ref
 from .router import router_topk, router_topk_ref
+from .warmup import warmup
 
 __all__ = [
-    "set_threads", "get_threads",
+    "set_threads", "get_threads", "warmup",
     "int4_gemv", "int4_gemm", "int4_gemv_ref", "int4_gemm_ref", "int4_dequant_ref", "int4_unpack_ref",
     "bf16_gemv", "bf16_gemm", "bf16_gemv_ref", "bf16_gemm_ref",
     "fp8_gemv", "fp8_gemm", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_dequant_ref", "fp8_to_f32", "FP8_E4M3_LUT",
     "rmsnorm", "rmsnorm_ref", "rope_interleaved", "rope_interleaved_ref",
     "router_topk", "router_topk_ref", "mla_decode_absorbed", "mla_decode_absorbed_ref",
+    "mla_prefill", "mla_prefill_ref",
 ]
 
 

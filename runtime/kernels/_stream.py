@@ -28,7 +28,7 @@ def _sum_range(a, lo, hi):
     return s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _stream(a, nblk):
     n = a.shape[0]
     per = (n + nblk - 1) // nblk

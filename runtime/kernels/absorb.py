@@ -20,7 +20,7 @@ def absorb_q_ref(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.nda
     return np.einsum("hc,hcr->hr", q_nope, w).astype(np.float32)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _absorb_q(kv_b, q_nope, C, V, out):
     H, R = out.shape
     for h in prange(H):
@@ -54,7 +54,7 @@ def absorb_out_ref(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.nd
     return np.einsum("hvr,hr->hv", w, o_lat).astype(np.float32)
 
 
-@njit(parallel=True, cache=True, fastmath=True)   # fastmath: lets LLVM vectorize the dot's reduction
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)   # fastmath: lets LLVM vectorize the dot's reduction
 def _absorb_out(kv_b, o_lat, C, V, out):
     H, R = o_lat.shape
     for hv in prange(H * V):

@@ -121,7 +121,7 @@ def _row1(wf, x, xo, y, yo, r, n):
     y[yo + r] = s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _bf16_gemv(w, x, y):
     out, n = w.shape
     wf = w.reshape(-1)
@@ -154,7 +154,7 @@ def _decode_tile(wf, n, r0, nr, k0, K, tile):
             tile[base + k] = u32_as_f32(np.uint32(wf[src + k]) << 16) if k < nk else np.float32(0.0)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _bf16_tiles(w, xp, T, Y):
     out, n = w.shape
     Tp, Kp = xp.shape

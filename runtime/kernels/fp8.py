@@ -167,7 +167,7 @@ def _row1(wf, sf, lut, x, y, r, n, ncb, b0, b1):
     y[r] = hsum(a) + acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _fp8_gemv(w, scale_inv, b0, b1, lut, x, y):
     out, n = w.shape
     ncb = scale_inv.shape[1]
@@ -207,7 +207,7 @@ def _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, nr, k0, K, tile):
                 tile[base + k] = 0.0
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y):
     out, n = w.shape
     ncb = scale_inv.shape[1]

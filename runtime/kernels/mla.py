@@ -209,7 +209,7 @@ def _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch):
                 _pv_rest(S, Cs, h0, n, j0, kvf, R, O, R64)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _mla(Q, Hp, kv, pe, nparts, pm, pl, pO):
     N, R = kv.shape
     P = pe.shape[1]

@@ -41,7 +41,7 @@ def _rmsnorm_row(x, w, eps, y, o, d):
         y[o + i] = w[i] * (x[o + i] * r)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _rmsnorm(x, w, eps, y):
     T, d = x.shape
     xf = x.reshape(-1)

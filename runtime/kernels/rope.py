@@ -44,7 +44,7 @@ def rope_interleaved_ref(x, positions, inv_freq, mscale=1.0, fp32_angles=False):
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _rope(x, positions, inv_freq, mscale, fp32_angles, out):
     T, H, d = x.shape
     half = d // 2

@@ -56,7 +56,7 @@ def _beats(v, i, bv, bi):
     return v > bv or (v == bv and i < bi)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _router(logits, bias, n_group, topk_group, top_k, norm, rsf, idx, wts):
     T, E = logits.shape
     gsize = E // n_group
