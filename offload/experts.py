@@ -844,6 +844,11 @@ class ExpertStore:
         with self._lock:
             return list(self._map)
 
+    def extents(self, layer: int, e: int) -> list[tuple[Path, int, int]]:
+        """(file, offset, bytes) of the reads that fill expert e's slot (4 KiB-aligned, in order)."""
+        plan = self._plan(self._key_of(layer, e))
+        return [(self.files[fid].path, off, n) for fid, off, n, _ in plan.chunks]
+
     def stats(self) -> dict:
         with self._lock:
             if self.mode == "slots":

@@ -11,6 +11,7 @@ E = routed experts, K = experts per token.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +31,10 @@ from .rope import Rope, softmax_scale
 BF16 = np.dtype(ml_dtypes.bfloat16)
 KERNELS = True                  # False: numpy reference products only (kept for tests and debugging)
 ATTN_IMPLS = ("auto", "naive", "absorb")
+# The kernels release the GIL (so the expert store's reader threads run during compute); numba's
+# workqueue threading layer, its fallback where neither OpenMP nor TBB loads, aborts the process on
+# parallel launches from two threads at once. Forward passes of all models in a process take turns.
+_FORWARD_LOCK = threading.Lock()
 PREFETCH_MAX_TOKENS = 4         # decode-sized calls; prefill reads every expert of a layer anyway
 
 
@@ -398,6 +403,10 @@ class Model:
 
     def forward(self, ids: np.ndarray, cache: LatentCache, start: int, logits: str = "last") -> np.ndarray | None:
         """ids [T] at positions start.. -> logits [T, vocab] ("all"), [1, vocab] ("last") or None ("none")."""
+        with _FORWARD_LOCK:
+            return self._forward(ids, cache, start, logits)
+
+    def _forward(self, ids, cache, start, logits):
         x = as_f32(self.ckpt.read_rows("model.embed_tokens.weight", ids))              # [T, D]
         for layer in self.layers:
             x = layer(x, cache, start, self.attn_impl)

@@ -54,27 +54,37 @@ def warm_page_cache(paths, block: int = 16 << 20) -> None:
                 pass
 
 
-def odirect_read_gbps(path: str | Path, max_bytes: int = 2 << 30, block: int = 4 << 20,
-                      inflight: int = 1, start: int = 0) -> float | None:
-    """Sequential O_DIRECT read of up to max_bytes from byte `start` of a file on the model's disk,
-    `inflight` block-sized requests at a time from threads (as the expert store reads), into
-    buffers faulted in beforehand (page faults are not disk time). None if O_DIRECT is refused."""
+def odirect_read_gbps(paths, max_bytes: int = 2 << 30, block: int = 4 << 20, inflight: int = 1,
+                      start: int = 0) -> float | None:
+    """O_DIRECT read of max_bytes spread over the files `paths` (one path or several: each read
+    sequentially from byte `start`, the files in turn), `inflight` block-sized requests at a time
+    from threads (as the expert store reads its shards), into buffers faulted in beforehand (page
+    faults are not disk time). None if O_DIRECT is refused."""
     from concurrent.futures import ThreadPoolExecutor
 
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    fds = []
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        for p in paths:
+            fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
     except OSError:
+        for fd in fds:
+            os.close(fd)
         return None
     bufs = [mmap.mmap(-1, block) for _ in range(inflight)]      # page-aligned, as O_DIRECT needs
     for b in bufs:
         b.write(bytes(block))
     try:
+        per_file = max_bytes // len(fds) // block * block
         start = start // block * block
-        size = min(os.fstat(fd).st_size - start, max_bytes) // block * block
-        offsets = list(range(start, start + size, block))
+        reqs = []
+        for fd in fds:
+            n = max(min(os.fstat(fd).st_size - start, per_file) // block * block, 0)
+            reqs.append([(fd, off) for off in range(start, start + n, block)])
+        order = [r for group in zip(*reqs) for r in group] if reqs else []   # files in turn
 
         def worker(i: int) -> int:
-            return sum(os.preadv(fd, [bufs[i]], off) for off in offsets[i::inflight])
+            return sum(os.preadv(fd, [bufs[i]], off) for fd, off in order[i::inflight])
 
         t = time.perf_counter()
         with ThreadPoolExecutor(inflight) as ex:
@@ -83,7 +93,47 @@ def odirect_read_gbps(path: str | Path, max_bytes: int = 2 << 30, block: int = 4
     except OSError:
         return None
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         for b in bufs:
             b.close()
     return done / dt / 1e9 if done else None
+
+
+def replay_gbps(extents, inflight: int = 8, block: int = 4 << 20) -> float | None:
+    """Raw O_DIRECT reads of exactly these (path, offset, bytes) extents, `inflight` at a time:
+    the disk's ceiling for the expert store's own access pattern. None if O_DIRECT is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    extents = list(extents)
+    if not extents:
+        return None
+    fds = {}
+    try:
+        for p, _, _ in extents:
+            if p not in fds:
+                fds[p] = os.open(p, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        for fd in fds.values():
+            os.close(fd)
+        return None
+    size = max(n for _, _, n in extents)
+    bufs = [mmap.mmap(-1, size) for _ in range(inflight)]
+    for b in bufs:
+        b.write(bytes(size))
+    try:
+        def worker(i: int) -> int:
+            return sum(os.preadv(fds[p], [memoryview(bufs[i])[:n]], off) for p, off, n in extents[i::inflight])
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(inflight) as ex:
+            done = sum(ex.map(worker, range(inflight)))
+        dt = time.perf_counter() - t
+    except OSError:
+        return None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        for b in bufs:
+            b.close()
+    return done / dt / 1e9

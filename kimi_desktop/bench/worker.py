@@ -72,6 +72,11 @@ def run_native(args) -> dict:
     stats = getattr(model.experts, "stats", None)
     if callable(stats):
         out["expert_cache"] = stats()
+        if args.direct_io and out["expert_cache"].get("direct_io"):
+            # the same bytes again, raw (after the run, so the disk is no colder for it)
+            from kimi_desktop.bench.ceilings import replay_gbps
+            ext = [x for key in model.experts.resident() for x in model.experts.extents(*key)]
+            out["expert_cache"]["raw_replay_gbps"] = replay_gbps(ext)
     return out
 
 

@@ -18,7 +18,7 @@ def test_bench_runs_both_engines_in_both_regimes(tiny_int4, tmp_path):
     cmd = [sys.executable, "-m", "kimi_desktop", "bench", "--model", str(tiny_int4), "--gguf",
            str(tmp_path / "tiny.gguf"), "--prompt-len", "8", "--decode", "4", "--threads", "1",
            "--balloon-gb", "0.25", "--expert-cache-gb", "0.001", "--traces", "--trace-prompt", "40",
-           "--trace-decode", "8", "--out", str(out)]
+           "--trace-decode", "8", "--repeats", "2", "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -29,9 +29,20 @@ def test_bench_runs_both_engines_in_both_regimes(tiny_int4, tmp_path):
         assert len(nat["tokens"]) == len(ll["tokens"]) == 4
         assert nat["prefill_tok_s"] > 0 and ll["decode_tok_s"] > 0 and nat["peak_rss"] > 0
         assert regime["ratios"]["decode_tok_s"] > 0
+        assert len(nat["decode_tok_s_runs"]) == len(ll["prefill_tok_s_runs"]) == 2
     pressure = res["regimes"]["pressure"]["runs"]["native"]
     assert pressure["expert_cache"]["budget_bytes"] == int(0.001 * 2**30)
     assert pressure["expert_cache"]["misses"] > 0
     assert res["ceilings"]["dram_read_gbps"] > 0
     assert set(res["policies"]["recorded"]["hit_rate"]) >= {"lru", "lfu", "belady"}
     assert "native / llama.cpp" in r.stdout
+    assert res["prefill_gflop"] > 0 and "odirect_read_gbps_qd8" in res["ceilings"]   # None where O_DIRECT is refused
+
+
+def test_median_run_keeps_one_runs_details():
+    from kimi_desktop.bench.run import median_run
+
+    runs = [{"decode_tok_s": d, "prefill_tok_s": p, "stages": i} for i, (d, p) in enumerate([(3, 10), (1, 30), (2, 20)])]
+    m = median_run(runs + [{"error": ["failed"]}])
+    assert m["stages"] == 2 and m["decode_tok_s"] == 2 and m["prefill_tok_s"] == 20
+    assert m["decode_tok_s_runs"] == [3, 1, 2]

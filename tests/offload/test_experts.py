@@ -13,7 +13,7 @@ import pytest
 
 from kimi_desktop.offload.experts import ExpertGeometry, ExpertStore, ExpertStoreFull
 from kimi_desktop.offload.formats import load_linear
-from kimi_desktop.offload.safetensors import Checkpoint
+from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 
 MODULES = ("gate_proj", "up_proj", "down_proj")
 
@@ -343,3 +343,36 @@ def test_get_many_closed_early_releases_pins(tiny_int4):
         del triple
         assert store.stats()["pinned_slots"] == 0
         assert store.wait_idle(5) and len(store.resident()) == 4
+
+
+def test_wrong_weight_shape_value_fails_that_expert_only(tiny_int4, tmp_path):
+    """weight_shape values are checked while the slot is read (in flight, not after): a wrong one
+    fails that expert's get with the tensor named, and the store keeps serving the others."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_int4, folder)
+    geom, ref = reference(folder)
+    layer = geom.layers[0]
+    name = f"model.layers.{layer}.mlp.experts.3.up_proj.weight_shape"
+    with Checkpoint(folder) as ck:
+        info = ck.info(name)
+    with open(info.path, "r+b") as f:
+        f.seek(info.start)
+        f.write(np.array([7, 9], np.int64).tobytes())
+    with ExpertStore.open(folder, n_slots=4) as store:
+        with pytest.raises(CheckpointError, match=rf"'{name}'"):
+            store.get(layer, 3)
+        x = np.random.default_rng(0).standard_normal(geom.hidden).astype(np.float32)
+        assert_same(store.get(layer, 4), ref(layer, 4), x)
+        with pytest.raises(CheckpointError, match=rf"'{name}'"):   # not cached as good
+            store.get(layer, 3)
+
+
+def test_slot_pool_is_faulted_in_at_open(tiny_int4):
+    """Reads go into memory whose pages already exist (a fault inside a read costs ~20x its copy)."""
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    with ExpertStore.open(tiny_int4, budget_bytes=64 << 20) as store:
+        pool = store.n_slots * store.slot_bytes
+        assert pool > 60 << 20
+        assert proc.memory_info().rss - before >= 0.9 * pool
