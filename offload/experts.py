@@ -565,6 +565,7 @@ class ExpertStore:
             if first is None:
                 raise CheckpointError(f"{ckpt.folder}: no routed experts to serve")
             self._template = [p for p, _ in expert_parts(ckpt, qcfg, first[0], first[1], self.geom)]
+            self.expert_nbytes = sum(p.nbytes for p in self._template)   # tensor bytes of one expert
             self._pack = self._open_pack(pack)
             if self._pack is not None:
                 self.slot_bytes = self._pack.block_bytes

@@ -58,51 +58,22 @@ def odirect_read_gbps(paths, max_bytes: int = 2 << 30, block: int = 4 << 20, inf
                       start: int = 0) -> float | None:
     """O_DIRECT read of max_bytes spread over the files `paths` (one path or several: each read
     sequentially from byte `start`, the files in turn), `inflight` block-sized requests at a time
-    from threads (as the expert store reads its shards), into buffers faulted in beforehand (page
-    faults are not disk time). None if O_DIRECT is refused."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    (as the expert store reads its shards). None if O_DIRECT is refused."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    fds = []
-    try:
-        for p in paths:
-            fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        return None
-    bufs = [mmap.mmap(-1, block) for _ in range(inflight)]      # page-aligned, as O_DIRECT needs
-    for b in bufs:
-        b.write(bytes(block))
-    try:
-        per_file = max_bytes // len(fds) // block * block
-        start = start // block * block
-        reqs = []
-        for fd in fds:
-            n = max(min(os.fstat(fd).st_size - start, per_file) // block * block, 0)
-            reqs.append([(fd, off) for off in range(start, start + n, block)])
-        order = [r for group in zip(*reqs) for r in group] if reqs else []   # files in turn
-
-        def worker(i: int) -> int:
-            return sum(os.preadv(fd, [bufs[i]], off) for fd, off in order[i::inflight])
-
-        t = time.perf_counter()
-        with ThreadPoolExecutor(inflight) as ex:
-            done = sum(ex.map(worker, range(inflight)))
-        dt = time.perf_counter() - t
-    except OSError:
-        return None
-    finally:
-        for fd in fds:
-            os.close(fd)
-        for b in bufs:
-            b.close()
-    return done / dt / 1e9 if done else None
+    per_file = max_bytes // len(paths) // block * block
+    start = start // block * block
+    reqs = []
+    for p in paths:
+        n = max(min(os.stat(p).st_size - start, per_file) // block * block, 0)
+        reqs.append([(p, off, block) for off in range(start, start + n, block)])
+    return replay_gbps([r for group in zip(*reqs) for r in group], inflight)
 
 
-def replay_gbps(extents, inflight: int = 8, block: int = 4 << 20) -> float | None:
-    """Raw O_DIRECT reads of exactly these (path, offset, bytes) extents, `inflight` at a time:
-    the disk's ceiling for the expert store's own access pattern. None if O_DIRECT is refused."""
+def replay_gbps(extents, inflight: int = 8) -> float | None:
+    """Raw O_DIRECT reads of exactly these (path, offset, bytes) extents (4 KiB-aligned), `inflight`
+    at a time from threads, into buffers faulted in beforehand (page faults are not disk time).
+    With the expert store's own extents: the disk's ceiling for its access pattern. None if
+    O_DIRECT is refused."""
     from concurrent.futures import ThreadPoolExecutor
 
     extents = list(extents)
@@ -136,4 +107,4 @@ def replay_gbps(extents, inflight: int = 8, block: int = 4 << 20) -> float | Non
             os.close(fd)
         for b in bufs:
             b.close()
-    return done / dt / 1e9
+    return done / dt / 1e9 if done else None

@@ -230,6 +230,12 @@ def table(results: dict) -> str:
             line += (f"; the same extents re-read raw (O_DIRECT, 8 in flight) right after: "
                      f"{ec['raw_replay_gbps']:.2f} GB/s (store = {ec['read_gbps'] / ec['raw_replay_gbps']:.0%} of it)")
         rows.append(line + ".")
+    for regime, r in results["regimes"].items():
+        amp = r.get("runs", {}).get("native", {}).get("decode_expert_reads")
+        if amp and amp.get("ratio") is not None:
+            rows.append(f"Decode expert reads ({regime}, native): {amp['read_bytes'] / 1e9:.2f} GB read for "
+                        f"{amp['needed_bytes'] / 1e9:.2f} GB of experts needed and not resident = {amp['ratio']:.2f}x "
+                        f"({amp['misses']} misses, {amp['prefetch_used']} of {amp['prefetch_issued']} prefetches used).")
     rows.append(f"Ceilings: DRAM read {c['dram_read_gbps']:.1f} GB/s (numpy, 1 thread), O_DIRECT disk read "
                 f"{(c.get('odirect_read_gbps') or float('nan')):.2f} GB/s, fp32 GEMM "
                 f"{c['fp32_gemm_gflops']:.0f} GFLOP/s.")

@@ -41,6 +41,18 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(300, vocab - 256, n).tolist()
 
 
+def decode_read_amplification(before: dict, after: dict, expert_nbytes: int) -> dict:
+    """Expert bytes read during decode (demand + prefetch) against the bytes of the experts the
+    tokens needed that were not resident when their step began (demand misses, plus prefetched
+    experts that were then used). 1.0 = nothing wasted; the issue's bound is 1.25."""
+    d = {k: after[k] - before[k] for k in ("misses", "prefetch_used", "prefetch_issued", "prefetch_wasted",
+                                           "bytes_read_demand", "bytes_read_prefetch")}
+    needed = (d["misses"] + d["prefetch_used"]) * expert_nbytes
+    read = d["bytes_read_demand"] + d["bytes_read_prefetch"]
+    d.update(needed_bytes=needed, read_bytes=read, ratio=read / needed if needed else None)
+    return d
+
+
 def run_native(args) -> dict:
     from kimi_desktop.runtime import load_model
     from kimi_desktop.runtime.profile import timer
@@ -60,6 +72,8 @@ def run_native(args) -> dict:
     t1, r1 = time.perf_counter(), disk_read_bytes()
     prefill_stages = timer.snapshot()
     timer.reset()
+    stats = getattr(model.experts, "stats", None)
+    before = stats() if callable(stats) else None
     toks = []
     for _ in range(args.decode):
         with timer.stage("sampling"):
@@ -69,9 +83,9 @@ def run_native(args) -> dict:
     t2, r2 = time.perf_counter(), disk_read_bytes()
     out = dict(load_s=load_s, prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
                stages_prefill=prefill_stages, stages_decode=timer.snapshot(), tokens=toks)
-    stats = getattr(model.experts, "stats", None)
-    if callable(stats):
-        out["expert_cache"] = stats()
+    if before is not None:
+        out["expert_cache"] = after = stats()
+        out["decode_expert_reads"] = decode_read_amplification(before, after, model.experts.expert_nbytes)
         if args.direct_io and out["expert_cache"].get("direct_io"):
             # the same bytes again, raw (after the run, so the disk is no colder for it)
             from kimi_desktop.bench.ceilings import replay_gbps

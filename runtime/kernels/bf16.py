@@ -20,7 +20,7 @@ from numba import njit, prange
 from ._common import FM, as_u16, bf16_to_f32, check, out_array
 from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, prefetch_l2, store_f32,
                     u32_as_f32, zeros_f32)
-from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens
+from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens, row_blocks_per_task
 
 __all__ = ["bf16_gemv_ref", "bf16_gemm_ref", "bf16_gemv", "bf16_gemm"]
 
@@ -155,7 +155,9 @@ def _decode_tile(wf, n, r0, nr, k0, K, tile):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _bf16_tiles(w, xp, T, Y):
+def _bf16_tiles(w, xp, T, Y, RB):
+    """RB row blocks (of 4 rows) per task, chunk-major: each activation chunk is reused from L2 by
+    RB blocks before the next one is loaded (not streamed from L3 once per 4 rows)."""
     out, n = w.shape
     Tp, Kp = xp.shape
     K = TILE_K
@@ -163,15 +165,20 @@ def _bf16_tiles(w, xp, T, Y):
     wf = w.reshape(-1)
     xpf = xp.reshape(-1)
     nb = (out + 3) // 4
-    for b in prange(nb):
+    S = Tp * 64
+    for g in prange((nb + RB - 1) // RB):
         tile = np.empty(4 * K, np.float32)
-        acc = np.zeros(Tp * 64, np.float32)
-        r0 = 4 * b
-        nr = min(4, out - r0)
+        acc = np.zeros(RB * S, np.float32)
+        b0 = g * RB
+        nj = min(RB, nb - b0)
         for ch in range(nch):
-            _decode_tile(wf, n, r0, nr, ch * K, K, tile)
-            mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc)
-        acc_to_out(acc, T, r0, nr, Y)
+            for j in range(nj):
+                r0 = 4 * (b0 + j)
+                _decode_tile(wf, n, r0, min(4, out - r0), ch * K, K, tile)
+                mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
+        for j in range(nj):
+            r0 = 4 * (b0 + j)
+            acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
 
 
 def bf16_gemv(w, x, out=None):
@@ -192,5 +199,6 @@ def bf16_gemm(w, X, out=None):
     if T == 1:
         _bf16_gemv(w, X[0], Y[0])
     elif T > 1:
-        _bf16_tiles(w, pad_tokens(X, TILE_K), T, Y)
+        xp = pad_tokens(X, TILE_K)
+        _bf16_tiles(w, xp, T, Y, row_blocks_per_task(w.shape[0], xp))
     return Y

@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from ._common import FM, as_u8, check, out_array
 from ._simd import fma, fmul, hsum, load_e4m3, load_f32, prefetch, splat_f32, store_f32, zeros_f32
-from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens
+from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens, row_blocks_per_task
 
 __all__ = ["FP8_E4M3_LUT", "fp8_to_f32", "fp8_dequant_ref", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_gemv", "fp8_gemm"]
 
@@ -208,7 +208,8 @@ def _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, nr, k0, K, tile):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y):
+def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y, RB):
+    """RB row blocks per task, chunk-major (as _bf16_tiles)."""
     out, n = w.shape
     ncb = scale_inv.shape[1]
     Tp, Kp = xp.shape
@@ -218,15 +219,20 @@ def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y):
     sf = scale_inv.reshape(-1)
     xpf = xp.reshape(-1)
     nb = (out + 3) // 4
-    for b in prange(nb):
+    S = Tp * 64
+    for g in prange((nb + RB - 1) // RB):
         tile = np.empty(4 * K, np.float32)
-        acc = np.zeros(Tp * 64, np.float32)
-        r0 = 4 * b
-        nr = min(4, out - r0)
+        acc = np.zeros(RB * S, np.float32)
+        bb = g * RB
+        nj = min(RB, nb - bb)
         for ch in range(nch):
-            _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, nr, ch * K, K, tile)
-            mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc)
-        acc_to_out(acc, T, r0, nr, Y)
+            for j in range(nj):
+                r0 = 4 * (bb + j)
+                _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, min(4, out - r0), ch * K, K, tile)
+                mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
+        for j in range(nj):
+            r0 = 4 * (bb + j)
+            acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -251,7 +257,7 @@ def fp8_gemv(w, scale_inv, x, block=(128, 128), out=None):
     if b1 % 16 == 0:
         _fp8_gemv(w, scale_inv, b0, b1, FP8_E4M3_LUT, x, y)
     else:
-        _fp8_tiles(w, scale_inv, b0, b1, FP8_E4M3_LUT, pad_tokens(x.reshape(1, -1), TILE_K), 1, y.reshape(1, -1))
+        _fp8_tiles(w, scale_inv, b0, b1, FP8_E4M3_LUT, pad_tokens(x.reshape(1, -1), TILE_K), 1, y.reshape(1, -1), 1)
     return y
 
 
@@ -264,5 +270,6 @@ def fp8_gemm(w, scale_inv, X, block=(128, 128), out=None):
     if T == 1 and b1 % 16 == 0:
         _fp8_gemv(w, scale_inv, b0, b1, FP8_E4M3_LUT, X[0], Y[0])
     elif T >= 1:
-        _fp8_tiles(w, scale_inv, b0, b1, FP8_E4M3_LUT, pad_tokens(X, TILE_K), T, Y)
+        xp = pad_tokens(X, TILE_K)
+        _fp8_tiles(w, scale_inv, b0, b1, FP8_E4M3_LUT, xp, T, Y, row_blocks_per_task(w.shape[0], xp))
     return Y

@@ -38,7 +38,7 @@ from numba import njit, prange
 from ._common import FM, as_i32, as_u16, bf16_to_f32, check, out_array
 from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, isub, load_bf16_rep4, load_f32, load_i32,
                     prefetch_l2, splat_i32, store_f32, u32_as_f32, zeros_f32)
-from ._tile import acc_to_out, mk4x4
+from ._tile import acc_to_out, mk4x4, row_blocks_per_task
 
 GROUP = 32
 DIRECT_T_MAX = 6      # GEMM: up to this many tokens, GEMV loop (2 tokens per pass); above, fp32 tiles
@@ -310,7 +310,8 @@ def _decode_tile(pf, sf, W, G, r0, nr, w0, CW, tile):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _int4_tiles(packed, scale, xp, T, Y):
+def _int4_tiles(packed, scale, xp, T, Y, RB):
+    """RB row blocks per task, chunk-major (as _bf16_tiles)."""
     out, W = packed.shape
     G = scale.shape[1]
     Tp, Kp = xp.shape
@@ -321,15 +322,20 @@ def _int4_tiles(packed, scale, xp, T, Y):
     sf = scale.reshape(-1)
     xpf = xp.reshape(-1)
     nb = (out + 3) // 4
-    for b in prange(nb):
+    S = Tp * 64
+    for g in prange((nb + RB - 1) // RB):
         tile = np.empty(4 * K, np.float32)
-        acc = np.zeros(Tp * 64, np.float32)
-        r0 = 4 * b
-        nr = min(4, out - r0)
+        acc = np.zeros(RB * S, np.float32)
+        b0 = g * RB
+        nj = min(RB, nb - b0)
         for ch in range(nch):
-            _decode_tile(pf, sf, W, G, r0, nr, ch * CW, CW, tile)
-            mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc)
-        acc_to_out(acc, T, r0, nr, Y)
+            for j in range(nj):
+                r0 = 4 * (b0 + j)
+                _decode_tile(pf, sf, W, G, r0, min(4, out - r0), ch * CW, CW, tile)
+                mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
+        for j in range(nj):
+            r0 = 4 * (b0 + j)
+            acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -376,5 +382,5 @@ def int4_gemm(packed, scale, X, out=None):
         _int4_direct(packed, scale, xs, c, xf, Y)
     else:
         xp = _prep_tile_x(X, packed.shape[1], TILE_W, (T + 3) // 4 * 4)
-        _int4_tiles(packed, scale, xp, T, Y)
+        _int4_tiles(packed, scale, xp, T, Y, row_blocks_per_task(packed.shape[0], xp))
     return Y

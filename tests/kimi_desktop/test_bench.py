@@ -46,3 +46,15 @@ def test_median_run_keeps_one_runs_details():
     m = median_run(runs + [{"error": ["failed"]}])
     assert m["stages"] == 2 and m["decode_tok_s"] == 2 and m["prefill_tok_s"] == 20
     assert m["decode_tok_s_runs"] == [3, 1, 2]
+
+
+def test_decode_read_amplification():
+    from kimi_desktop.bench.worker import decode_read_amplification
+
+    keys = ("misses", "prefetch_used", "prefetch_issued", "prefetch_wasted", "bytes_read_demand", "bytes_read_prefetch")
+    before = dict.fromkeys(keys, 10)
+    after = dict(misses=13, prefetch_used=12, prefetch_issued=14, prefetch_wasted=11,
+                 bytes_read_demand=10 + 3 * 100, bytes_read_prefetch=10 + 4 * 100)
+    d = decode_read_amplification(before, after, 100)
+    assert d["needed_bytes"] == 500 and d["read_bytes"] == 700 and d["ratio"] == 1.4
+    assert decode_read_amplification(before, before, 100)["ratio"] is None
