@@ -845,6 +845,14 @@ class ExpertStore:
         with self._lock:
             return list(self._map)
 
+    def missing(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """The experts of `layer` among these that are neither resident nor being read."""
+        ids = [int(e) for e in experts]
+        if self.mode == "none":
+            return ids
+        with self._lock:
+            return [e for e in ids if self._key_of(layer, e) not in self._map]
+
     def extents(self, layer: int, e: int) -> list[tuple[Path, int, int]]:
         """(file, offset, bytes) of the reads that fill expert e's slot (4 KiB-aligned, in order)."""
         plan = self._plan(self._key_of(layer, e))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -257,12 +258,55 @@ class CheckpointExperts:
                 load_linear(self.ckpt, p + "down_proj", self.qcfg, (D, I)))
 
 
+class PrefetchGate:
+    """Whether a MoE layer reads its guess of the next layer's experts ahead of time.
+
+    The guess (the next layer's router on this layer's hidden state) is good on some models and
+    near chance on others, and a wasted read costs disk time and a slot. So guesses are scored in
+    the shadow: when the next layer routes, each guessed expert that was not resident at guess time
+    counts as used or not. Reads are issued only while the share used over the last `window` scored
+    guesses is at least `min_precision` (at 0.75, at most one wasted read per three used ones).
+    While off, a guess is made (and scored) every `probe_every` steps only: it costs a router GEMV.
+    """
+
+    def __init__(self, min_precision: float = 0.75, window: int = 32, min_samples: int = 8,
+                 probe_every: int = 4):
+        self.min_precision, self.min_samples, self.probe_every = min_precision, min_samples, probe_every
+        self.scores: deque[bool] = deque(maxlen=window)
+        self.pending: list[int] | None = None
+        self.steps = 0
+
+    @property
+    def precision(self) -> float | None:
+        return sum(self.scores) / len(self.scores) if self.scores else None
+
+    @property
+    def active(self) -> bool:
+        n = len(self.scores)
+        return n >= self.min_samples and (n == 0 or sum(self.scores) >= self.min_precision * n)
+
+    def wants_guess(self) -> bool:
+        self.steps += 1
+        return self.active or self.steps % self.probe_every == 0
+
+    def guessed(self, missing: list[int]) -> None:
+        self.pending = missing
+
+    def observe(self, routed) -> None:
+        """The experts the layer actually routes to (this step)."""
+        if self.pending is not None:
+            routed = set(int(e) for e in routed)
+            self.scores.extend(e in routed for e in self.pending)
+            self.pending = None
+
+
 class MoE:
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, qcfg: QuantConfig, i: int, experts):
         p = f"model.layers.{i}.mlp."
         D, E = cfg.hidden_size, cfg.n_routed_experts
         self.cfg, self.layer, self.experts = cfg, i, experts
         self.next_moe: MoE | None = None          # set when the store can prefetch
+        self.prefetch_gate = PrefetchGate()       # scores the previous layer's guesses of ours
         self.recorder = None                      # a routing-trace recorder (offload.traces.TraceRecorder)
         ckpt.require(p + "gate.weight", shape=(E, D))
         self.gate = Lazy(lambda: PlainLinear(ckpt.read(p + "gate.weight")))              # [E, D], stored dtype
@@ -289,11 +333,17 @@ class MoE:
             idx, w = self.route(x)                                    # [T, K]
             if self.recorder is not None:
                 self.recorder.record(self.layer, idx)
-            if self.next_moe is not None and x.shape[0] <= PREFETCH_MAX_TOKENS:
-                # the next layer's router on this hidden state guesses its experts: read them
-                # while this layer computes (the store only uses spare I/O for it)
-                guess = np.unique(self.next_moe.route(x)[0])
-                self.experts.prefetch(self.next_moe.layer, guess.tolist())
+            decode = x.shape[0] <= PREFETCH_MAX_TOKENS
+            if decode:
+                self.prefetch_gate.observe(np.unique(idx))
+            nxt = self.next_moe
+            if nxt is not None and decode and nxt.prefetch_gate.wants_guess():
+                # the next layer's router on this hidden state guesses its experts: read the
+                # missing ones while this layer computes, if such guesses have been paying
+                missing = self.experts.missing(nxt.layer, np.unique(nxt.route(x)[0]).tolist())
+                nxt.prefetch_gate.guessed(missing)
+                if nxt.prefetch_gate.active:
+                    self.experts.prefetch(nxt.layer, missing)
         # group tokens by expert so each expert's weights are touched once per call; experts
         # arrive in load order (hits first), results are summed in expert order so the output
         # is the same bits whatever the cache held

@@ -83,6 +83,11 @@ def run_native(args) -> dict:
     t2, r2 = time.perf_counter(), disk_read_bytes()
     out = dict(load_s=load_s, prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
                stages_prefill=prefill_stages, stages_decode=timer.snapshot(), tokens=toks)
+    from kimi_desktop.runtime.model import MoE
+    out["prefetch_gates"] = [
+        {"layer": m.next_moe.layer, "scored": len(g.scores), "precision": g.precision, "active": g.active}
+        for m in (layer.mlp for layer in model.layers)
+        if isinstance(m, MoE) and m.next_moe is not None for g in (m.next_moe.prefetch_gate,)]
     if before is not None:
         out["expert_cache"] = after = stats()
         out["decode_expert_reads"] = decode_read_amplification(before, after, model.experts.expert_nbytes)

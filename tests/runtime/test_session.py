@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kimi_desktop.runtime import load_model
+from kimi_desktop.runtime.model import MoE, PrefetchGate
 
 
 def rel_err(a, b) -> float:
@@ -91,6 +92,9 @@ def test_decode_through_a_small_expert_cache_with_prefetch_is_exact(folder, ids,
     store = ExpertStore.open(folder, n_slots=12, policy=policy)
     try:
         cached = load_model(folder, experts=store)
+        for layer in cached.layers:          # read every guess (random routers guess near chance)
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.prefetch_gate = PrefetchGate(min_precision=0.0, min_samples=0)
         want = list(plain.generate(ids[:20], max_new_tokens=12))
         got = list(cached.generate(ids[:20], max_new_tokens=12))
         assert got == want
@@ -105,3 +109,36 @@ def test_expert_cache_budget_from_load_model(folder, ids):
     model = load_model(folder, expert_cache_bytes=1 << 20)
     assert model.experts.stats()["budget_bytes"] == 1 << 20
     np.testing.assert_array_equal(model.logits(ids[:8]), load_model(folder).logits(ids[:8]))
+
+
+def test_prefetch_gate_reads_only_while_guesses_pay():
+    g = PrefetchGate(min_precision=0.75, window=8, min_samples=4, probe_every=2)
+    assert [g.wants_guess() for _ in range(4)] == [False, True, False, True]   # off: every 2nd step
+    for routed in ([1, 2], [1, 2], [1, 9]):
+        g.guessed([1, 2])                     # guessed experts that were not resident
+        g.observe(routed)
+    assert g.precision == 5 / 6 and g.active  # 6 scored guesses >= 4, 5 used
+    assert all(g.wants_guess() for _ in range(3))
+    g.guessed([3, 4])
+    g.observe([5, 6, 7])
+    assert g.precision == 5 / 8 and not g.active
+    g.observe([3])                            # no guess pending: nothing scored
+    assert len(g.scores) == 8
+
+
+def test_prefetch_gate_keeps_reads_within_what_is_used(folder, ids):
+    """With the default gate, a random router's near-chance guesses are scored but not read."""
+    from kimi_desktop.offload.experts import ExpertStore
+    store = ExpertStore.open(folder, n_slots=12)
+    try:
+        model = load_model(folder, experts=store)
+        list(model.generate(ids[:20], max_new_tokens=16))
+        gates = [layer.mlp.next_moe.prefetch_gate for layer in model.layers
+                 if isinstance(layer.mlp, MoE) and layer.mlp.next_moe is not None]
+        assert gates and all(g.scores for g in gates)
+        st = store.stats()
+        if not any(g.active for g in gates):
+            assert st["prefetch_issued"] == 0
+        assert st["prefetch_wasted"] <= max(1, st["prefetch_used"] // 3)
+    finally:
+        store.close()
