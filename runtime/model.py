@@ -37,6 +37,10 @@ ATTN_IMPLS = ("auto", "naive", "absorb")
 # parallel launches from two threads at once. Forward passes of all models in a process take turns.
 _FORWARD_LOCK = threading.Lock()
 PREFETCH_MAX_TOKENS = 4         # decode-sized calls; prefill reads every expert of a layer anyway
+# "auto" attention: the naive form (GEMMs, fastest for prompts) expands the latent cache into
+# per-head keys and values, N x H x (C+V) float32 (K2: 64 KiB per cached token, 1.3 GB at 20K);
+# beyond this, prefill chunks use the absorbed form, which reads the latent cache as it is
+NAIVE_MAX_BYTES = 256 << 20
 
 
 def linear(w: Linear, x: np.ndarray) -> np.ndarray:
@@ -170,8 +174,8 @@ class Attention:
         kv, pe = cache.kv[self.layer][:N], cache.pe[self.layer][:N]  # [N, R], [N, P]
         # causal: query t (position start+t) sees keys 0..start+t
         mask = np.arange(N)[None, :] > pos[:, None]                  # [T, N]
-        if impl == "auto":
-            impl = "absorb" if T == 1 else "naive"
+        if impl == "auto":       # naive (GEMMs) for prefill while its expanded latent stays small
+            impl = "naive" if T > 1 and N * H * (C + V) * 4 <= NAIVE_MAX_BYTES else "absorb"
         if impl == "naive" and KERNELS:
             q[..., C:] = q_pe                                         # [T, H, C+P], rotated
             kvb = linear(self.kv_b_proj(), kv).reshape(N, H, C + V)    # [N, H, C+V]
@@ -187,12 +191,16 @@ class Attention:
             out = (softmax(scores) @ v).transpose(1, 0, 2)           # [T, H, V]
         elif impl == "absorb":
             kvb_w = self.kv_b_proj()
-            if T == 1 and KERNELS and isinstance(kvb_w, PlainLinear) and kvb_w.weight.dtype == BF16:
-                # decode: W_UK into the query, attention over the latent cache, W_UV per head
-                q_lat = absorb_q(kvb_w.weight, q_nope[0], C, V)                    # [H, R]
-                q_pe1 = np.ascontiguousarray(q_pe[0], dtype=np.float32)
-                o_lat = kernels.mla_decode_absorbed(q_lat, q_pe1, kv, pe, float(self.scale))   # [H, R]
-                out = absorb_out(kvb_w.weight, o_lat, C, V)[None]                  # [1, H, V]
+            if KERNELS and isinstance(kvb_w, PlainLinear) and kvb_w.weight.dtype == BF16:
+                # per query: W_UK into the query, attention over the latent cache up to its own
+                # position (causal), W_UV per head
+                out = np.empty((T, H, V), np.float32)
+                for t in range(T):
+                    n = start + t + 1
+                    q_lat = absorb_q(kvb_w.weight, q_nope[t], C, V)                # [H, R]
+                    q_pe1 = np.ascontiguousarray(q_pe[t], dtype=np.float32)
+                    o_lat = kernels.mla_decode_absorbed(q_lat, q_pe1, kv[:n], pe[:n], float(self.scale))
+                    out[t] = absorb_out(kvb_w.weight, o_lat, C, V)                 # [H, V]
             else:
                 w = kvb_w.dequantize().reshape(H, C + V, R)                        # [H, C+V, R] temporary
                 q_lat = np.einsum("thc,hcr->thr", q_nope, w[:, :C])                # [T, H, R]

@@ -34,6 +34,17 @@ def test_absorbed_and_naive_attention_agree(folder, ids):
         assert rel_err(s_absorb.feed([t]), s_naive.feed([t])) < 1e-5
 
 
+def test_auto_attention_absorbs_prefill_over_a_long_cache(folder, ids, monkeypatch):
+    """Past NAIVE_MAX_BYTES of expanded latent, prefill chunks run the absorbed form (causal per
+    query); the logits stay those of the naive form."""
+    from kimi_desktop.runtime import model as M
+
+    want = load_model(folder, attn_impl="naive").logits(ids)
+    monkeypatch.setattr(M, "NAIVE_MAX_BYTES", 0)
+    monkeypatch.setattr(M.kernels, "mla_prefill", lambda *a: pytest.fail("naive prefill attention ran"))
+    assert rel_err(load_model(folder).logits(ids), want) < 1e-5
+
+
 def test_token_by_token_equals_prefill(folder, ids):
     model = load_model(folder)
     whole = model.logits(ids[:40])
