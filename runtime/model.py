@@ -453,8 +453,12 @@ class Model:
         self.norm(), self.lm_head()
 
     def warmup(self) -> float:
-        """Ready the numba kernels now (compile or cache load), not in the first request; seconds."""
-        return kernels.warmup() if KERNELS else 0.0
+        """Ready the numba kernels this checkpoint's formats use now (compile or cache load), not
+        in the first request; seconds."""
+        if not KERNELS:
+            return 0.0
+        quantized = {"compressed-tensors": "int4", "fp8": "fp8"}.get(self.qcfg.method)
+        return kernels.warmup(("bf16",) + ((quantized,) if quantized else ()))
 
     def session(self) -> "Session":
         return Session(self)

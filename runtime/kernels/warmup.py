@@ -21,7 +21,7 @@ from .int4 import DIRECT_T_MAX, int4_gemm, int4_gemv
 from .mla import mla_decode_absorbed
 from .mla_prefill import mla_prefill
 
-__all__ = ["warmup"]
+__all__ = ["warmup", "FORMATS"]
 
 
 def _both(*arrays):
@@ -34,8 +34,15 @@ def _both(*arrays):
     return [tuple(arrays), tuple(ro)]
 
 
-def warmup() -> float:
-    """Run every kernel once on tiny inputs; returns the seconds it took."""
+FORMATS = ("bf16", "int4", "fp8")
+
+
+def warmup(formats=FORMATS) -> float:
+    """Run the weight-product kernels of these weight formats and the attention kernels once on
+    tiny inputs; returns the seconds it took (a first run compiles: ~10 s per format here)."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"formats: unknown {sorted(unknown)} (known: {', '.join(FORMATS)})")
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     out, n = 8, 64
@@ -46,15 +53,15 @@ def warmup() -> float:
     scale = np.full((out, n // 32), 0x3C00, np.uint16)
     fp8 = rng.integers(0, 120, (out, n)).astype(np.uint8)
     fp8_s = np.ones((1, 1), np.float32)
-    for (w,) in _both(bf):
+    for (w,) in _both(bf):                      # bf16 also backs the absorbed attention below
         bf16_gemv(w, x)
         for X in xs:
             bf16_gemm(w, X)
-    for p, s in _both(packed, scale):
+    for p, s in _both(packed, scale) if "int4" in formats else ():
         int4_gemv(p, s, x)
         for X in xs:
             int4_gemm(p, s, X)
-    for w, s in _both(fp8, fp8_s):
+    for w, s in _both(fp8, fp8_s) if "fp8" in formats else ():
         fp8_gemv(w, s, x)
         fp8_gemm(w, s, xs[0])
     # attention: H heads, R latent, P rope, C nope, V value dims (small, but the same types)

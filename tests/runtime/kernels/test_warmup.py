@@ -1,18 +1,25 @@
-"""warmup() makes every kernel specialization the model uses before the first forward pass."""
+"""Model.warmup() makes every kernel specialization a forward pass uses, before the first one.
+
+Checked in a fresh process: in this one, earlier kernel tests have compiled most specializations
+already, which would hide one that warmup() misses.
+"""
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import json
+import subprocess
+import sys
 
-import numpy as np
 import pytest
-from numba.core.registry import CPUDispatcher
 
 from kimi_desktop.runtime import kernels as K
-from kimi_desktop.runtime import load_model
 
+CHECK = r"""
+import importlib, json, pkgutil, sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from kimi_desktop.runtime import kernels as K, load_model
 
-def _specializations() -> dict[str, int]:
+def specializations():
     out = {}
     for m in pkgutil.iter_modules(K.__path__):
         mod = importlib.import_module(f"{K.__name__}.{m.name}")
@@ -21,17 +28,29 @@ def _specializations() -> dict[str, int]:
                 out[f"{m.name}.{name}"] = len(obj.signatures)
     return out
 
+model = load_model(sys.argv[1])
+model.warmup()
+before = specializations()
+s = model.session()
+logits = s.feed(np.arange(1, 12))            # prefill: tiled GEMMs, prefill attention
+for _ in range(3):                           # decode: GEMVs, absorbed attention
+    logits = s.feed([int(np.argmax(logits))])
+after = specializations()
+print(json.dumps({"warm": sum(before.values()),
+                  "new": {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}}))
+"""
+
 
 @pytest.mark.parametrize("layout", ["int4", "fp8", "bf16"])
 def test_warmup_covers_the_forward_pass(make_ckpt, layout):
-    K.warmup()
-    before = _specializations()
-    model = load_model(make_ckpt(layout=layout))
-    s = model.session()
-    logits = s.feed(np.arange(1, 12))               # prefill: tiled GEMMs, prefill attention
-    for _ in range(3):                               # decode: GEMVs, absorbed attention
-        logits = s.feed([int(np.argmax(logits))])
-    after = _specializations()
-    new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    assert not new, f"specialized during the forward pass, not by warmup(): {new}"
-    assert sum(before.values()) > 10
+    r = subprocess.run([sys.executable, "-c", CHECK, str(make_ckpt(layout=layout))], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not res["new"], f"specialized during the forward pass, not by warmup(): {res['new']}"
+    assert res["warm"] > 10
+
+
+def test_warmup_rejects_unknown_formats():
+    with pytest.raises(ValueError, match="int8"):
+        K.warmup(("bf16", "int8"))
