@@ -36,8 +36,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FM, as_i32, as_u16, bf16_to_f32, check, out_array
-from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, isub, load_bf16_rep4, load_f32, load_i32,
-                    prefetch_l2, splat_i32, store_f32, u32_as_f32, zeros_f32)
+from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, load_bf16_rep4, load_f32, load_i32,
+                    prefetch_l2, splat_f32, splat_i32, store_f32, u32_as_f32, zeros_f32)
 from ._tile import acc_to_out, mk4x4, row_blocks_per_task
 
 GROUP = 32
@@ -294,9 +294,10 @@ def _decode_tile(pf, sf, W, G, r0, nr, w0, CW, tile):
         for ww in range(0, nv, 16):
             v = load_i32(pf, r * W + w0 + ww)
             s = load_bf16_rep4(sf, r * G + ((w0 + ww) >> 2))
-            for j in range(8):
-                q = i2f(isub(iand(ilshr(v, 4 * j), splat_i32(15)), splat_i32(8)))
-                store_f32(tile, base + j * CW + ww, fmul(q, s))
+            m8s = fmul(s, splat_f32(-8.0))
+            for j in range(8):          # (u - 8) * s as one fma, u * s - 8 s: exact (<= 12 bits)
+                u = i2f(iand(ilshr(v, 4 * j), splat_i32(15)))
+                store_f32(tile, base + j * CW + ww, fma(u, s, m8s))
         for ww in range(nv, CW):
             if ww < nw:
                 w = w0 + ww
