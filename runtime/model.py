@@ -97,6 +97,11 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(var + np.float32(eps))) * w
 
 
+def causal_mask(pos: np.ndarray, N: int) -> np.ndarray:
+    """[T, N] True where key n is later than query t's position (query t sees keys 0..pos[t])."""
+    return np.arange(N)[None, :] > pos[:, None]
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
@@ -172,8 +177,6 @@ class Attention:
         cache.pe[self.layer][start:start + T] = self.rope.apply(ckv[:, R:], pos)
         N = start + T
         kv, pe = cache.kv[self.layer][:N], cache.pe[self.layer][:N]  # [N, R], [N, P]
-        # causal: query t (position start+t) sees keys 0..start+t
-        mask = np.arange(N)[None, :] > pos[:, None]                  # [T, N]
         if impl == "auto":       # naive (GEMMs) for prefill while its expanded latent stays small
             impl = "naive" if T > 1 and N * H * (C + V) * 4 <= NAIVE_MAX_BYTES else "absorb"
         if impl == "naive" and KERNELS:
@@ -187,7 +190,7 @@ class Attention:
             # the numpy reference: batched matmuls (BLAS)
             scores = (q_nope.transpose(1, 0, 2) @ k_nope
                       + q_pe.transpose(1, 0, 2) @ pe.T) * self.scale   # [H, T, N]
-            scores[:, mask] = -np.inf
+            scores[:, causal_mask(pos, N)] = -np.inf
             out = (softmax(scores) @ v).transpose(1, 0, 2)           # [T, H, V]
         elif impl == "absorb":
             kvb_w = self.kv_b_proj()
@@ -206,7 +209,7 @@ class Attention:
                 q_lat = np.einsum("thc,hcr->thr", q_nope, w[:, :C])                # [T, H, R]
                 scores = (np.einsum("thr,nr->htn", q_lat, kv)
                           + np.einsum("thp,np->htn", q_pe, pe)) * self.scale
-                scores[:, mask] = -np.inf
+                scores[:, causal_mask(pos, N)] = -np.inf
                 o_lat = np.einsum("htn,nr->thr", softmax(scores), kv)              # [T, H, R]
                 out = np.einsum("thr,hvr->thv", o_lat, w[:, C:])                   # [T, H, V]
         else:

@@ -12,6 +12,7 @@ xp = activations flat [Tp * xstride] with this chunk at offset xoff, acc = flat 
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -69,6 +70,14 @@ def acc_to_out(acc, T, r0, nr, Y):
             Y[t, r0 + rr] = hsum(load_f32(acc, (t * 4 + rr) * 16))
 
 
+@njit(fastmath=FM, cache=True)
+def blocks_to_out(acc, S, T, b0, nj, out, Y):
+    """acc_to_out for the nj row blocks b0.. of one task (accumulators S floats apart)."""
+    for j in range(nj):
+        r0 = 4 * (b0 + j)
+        acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
+
+
 def pad_tokens(X: np.ndarray, K: int) -> np.ndarray:
     """X [T, n] -> zero-padded float32 [ceil4(T), ceil(n / K) * K] (natural column order)."""
     T, n = X.shape
@@ -83,8 +92,6 @@ def row_blocks_per_task(out: int, xp: np.ndarray, most: int = 16) -> int:
     accumulators fit beside it): bf16 64x7168x1536 159 -> 174 GFLOP/s, 576 rows 134 -> 175. While
     they fit, one block per task (INT4 at T=16: 162 vs 143 GFLOP/s with 16). At least ~8 tasks per
     thread, for balance."""
-    import numba
-
     if xp.nbytes <= 512 << 10:
         return 1
     return max(1, min(most, (out + 3) // 4 // (8 * numba.get_num_threads())))

@@ -20,7 +20,7 @@ from numba import njit, prange
 from ._common import FM, as_u16, bf16_to_f32, check, out_array
 from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, prefetch_l2, store_f32,
                     u32_as_f32, zeros_f32)
-from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens, row_blocks_per_task
+from ._tile import TILE_K, blocks_to_out, mk4x4, pad_tokens, row_blocks_per_task
 
 __all__ = ["bf16_gemv_ref", "bf16_gemm_ref", "bf16_gemv", "bf16_gemm"]
 
@@ -176,9 +176,7 @@ def _bf16_tiles(w, xp, T, Y, RB):
                 r0 = 4 * (b0 + j)
                 _decode_tile(wf, n, r0, min(4, out - r0), ch * K, K, tile)
                 mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
-        for j in range(nj):
-            r0 = 4 * (b0 + j)
-            acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
+        blocks_to_out(acc, S, T, b0, nj, out, Y)
 
 
 def bf16_gemv(w, x, out=None):

@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from ._common import FM, as_u8, check, out_array
 from ._simd import fma, fmul, hsum, load_e4m3, load_f32, prefetch, splat_f32, store_f32, zeros_f32
-from ._tile import TILE_K, acc_to_out, mk4x4, pad_tokens, row_blocks_per_task
+from ._tile import TILE_K, blocks_to_out, mk4x4, pad_tokens, row_blocks_per_task
 
 __all__ = ["FP8_E4M3_LUT", "fp8_to_f32", "fp8_dequant_ref", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_gemv", "fp8_gemm"]
 
@@ -230,9 +230,7 @@ def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y, RB):
                 r0 = 4 * (bb + j)
                 _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, min(4, out - r0), ch * K, K, tile)
                 mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
-        for j in range(nj):
-            r0 = 4 * (bb + j)
-            acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
+        blocks_to_out(acc, S, T, bb, nj, out, Y)
 
 
 # ----------------------------------------------------------------------------- launchers

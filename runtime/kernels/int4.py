@@ -38,7 +38,7 @@ from numba import njit, prange
 from ._common import FM, as_i32, as_u16, bf16_to_f32, check, out_array
 from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, load_bf16_rep4, load_f32, load_i32,
                     prefetch_l2, splat_f32, splat_i32, store_f32, u32_as_f32, zeros_f32)
-from ._tile import acc_to_out, mk4x4, row_blocks_per_task
+from ._tile import blocks_to_out, mk4x4, row_blocks_per_task
 
 GROUP = 32
 DIRECT_T_MAX = 6      # GEMM: up to this many tokens, GEMV loop (2 tokens per pass); above, fp32 tiles
@@ -334,9 +334,7 @@ def _int4_tiles(packed, scale, xp, T, Y, RB):
                 r0 = 4 * (b0 + j)
                 _decode_tile(pf, sf, W, G, r0, min(4, out - r0), ch * CW, CW, tile)
                 mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
-        for j in range(nj):
-            r0 = 4 * (b0 + j)
-            acc_to_out(acc[j * S:(j + 1) * S], T, r0, min(4, out - r0), Y)
+        blocks_to_out(acc, S, T, b0, nj, out, Y)
 
 
 # ----------------------------------------------------------------------------- launchers

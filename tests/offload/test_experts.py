@@ -369,7 +369,8 @@ def test_wrong_weight_shape_value_fails_that_expert_only(tiny_int4, tmp_path):
 
 def test_slot_pool_is_faulted_in_at_open(tiny_int4):
     """Reads go into memory whose pages already exist (a fault inside a read costs ~20x its copy)."""
-    psutil = pytest.importorskip("psutil")
+    import psutil
+
     proc = psutil.Process()
     before = proc.memory_info().rss
     with ExpertStore.open(tiny_int4, budget_bytes=64 << 20) as store:

@@ -19,7 +19,6 @@ def _case(T, start, H, C, P, V, seed, spread=1.0):
 def _f64(q, kvb, pe, start, scale, C):
     q, kvb, pe = (a.astype(np.float64) for a in (q, kvb, pe))
     T, H, _ = q.shape
-    N = kvb.shape[0]
     out = np.zeros((T, H, kvb.shape[2] - C))
     for t in range(T):
         n = start + t + 1                                   # causal: keys 0..start+t
