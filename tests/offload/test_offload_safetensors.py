@@ -3,7 +3,6 @@ import json
 import mmap
 import os
 import re
-import time
 
 import ml_dtypes
 import numpy as np
@@ -200,13 +199,10 @@ def test_open_reads_only_headers(tmp_path, monkeypatch):
             self.f.close()
 
     monkeypatch.setattr(st, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
-    t0 = time.perf_counter()
     ckpt = Checkpoint(tmp_path)
-    elapsed = time.perf_counter() - t0
     assert sum(read_bytes) == len(header)  # the 8-byte length + the JSON, nothing more
     assert ckpt.stats.bytes_viewed == 0 and ckpt.stats.tensors_viewed == 0
     assert ckpt.info(huge.name).nbytes == 256 << 30
-    assert elapsed < 5.0
     monkeypatch.undo()
 
     v = ckpt.get(huge.name)  # a view: mapping 256 GiB reads nothing either
