@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable, TextIO
 
 from kimi_desktop.chat import ChatRequestError, ChatResult, ContentDelta, Finish, ReasoningDelta, Sampling
+from kimi_desktop.cli_options import add_model_args, engine_options, float_in, int_at_least, resolve_model
 
 DIM, BOLD, CYAN, RESET = "\x1b[2m", "\x1b[1m", "\x1b[36m", "\x1b[0m"
 HELP = "commands: /reset (new conversation), /exit (quit); Ctrl+C stops an answer"
@@ -25,21 +25,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add the `chat` subcommand to cli.py's subparsers."""
     p = subparsers.add_parser("chat", help="chat with a model in the terminal",
                               description="Chat in the terminal. " + HELP + ".")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer)")
-    src.add_argument("--demo", action="store_true", help="use the built-in tiny demo model (random weights)")
-    p.add_argument("--engine", choices=("native", "llama.cpp", "remote"), default="native")
-    p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--expert-cache-gb", type=float, default=None,
-                   help="RAM for a routed-expert cache read with preadv (default: none, the OS page cache)")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=1024, help="per answer")
-    p.add_argument("--seed", type=int, default=None)
+    add_model_args(p, engines=True)
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    p.add_argument("--temperature", type=float_in(0.0), default=0.6, metavar="T",
+                   help="sampling temperature; 0 is greedy (default 0.6)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0, metavar="P",
+                   help="nucleus sampling probability mass (default 1: off)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K",
+                   help="sample among the K most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=float_in(0.0, 1.0), default=0.0, metavar="P",
+                   help="drop tokens below P times the top token's probability (default 0: off)")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=1024, metavar="N",
+                   help="most tokens per answer, reasoning included (default 1024)")
+    p.add_argument("--seed", type=int_at_least(0), default=None, metavar="N", help="sampling seed (default: random)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the model's reasoning")
     p.add_argument("--no-color", action="store_true", help="no ANSI colours")
     p.set_defaults(func=cmd_chat)
@@ -49,22 +47,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 def cmd_chat(args) -> int:
     from kimi_desktop.engines import open_engine
 
-    if args.demo:
-        from kimi_desktop.demo import demo_model_path
-        path = demo_model_path()
-    elif args.model:
-        path = Path(args.model)
-    else:
-        raise SystemExit("error: give --model PATH or --demo")
+    path = resolve_model(args, args.engine)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         max_tokens=args.max_tokens, seed=args.seed)
     sampling.validate()
-    opts = {"ctx": args.ctx} if args.ctx else {}
-    if args.engine == "native" and args.expert_cache_gb is not None:
-        opts["expert_cache_bytes"] = int(args.expert_cache_gb * (1 << 30))
-    if args.engine == "llama.cpp" and args.threads:
-        opts["threads"] = args.threads
-    engine = open_engine(args.engine, path, **opts)
+    engine = open_engine(args.engine, path, **engine_options(args, path))
     color = sys.stdout.isatty() and not args.no_color
     try:
         print(f"kimi-desktop chat on {path}{' (demo: random weights, expect gibberish)' if args.demo else ''}")

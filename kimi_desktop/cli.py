@@ -4,46 +4,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from kimi_desktop import __version__
-
-
-def _model_path(args) -> Path:
-    if getattr(args, "demo", False):
-        from kimi_desktop.demo import demo_model_path
-        return demo_model_path()
-    if not args.model:
-        raise SystemExit("error: give --model PATH or --demo")
-    return Path(args.model)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer)")
-    src.add_argument("--demo", action="store_true", help="use the built-in tiny demo model (made on first use)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--expert-cache-gb", type=float, default=None,
-                   help="RAM for a routed-expert cache read with preadv (default: none, the OS page cache)")
+from kimi_desktop.cli_options import (Parser, UsageError, add_model_args, check_token_ids, expert_cache_choice,
+                                      float_in, int_at_least, resolve_model, token_ids)
+from kimi_desktop.notices import show_on_stderr
 
 
 def cmd_generate(args) -> int:
+    from kimi_desktop.notices import log, warm_up
     from kimi_desktop.runtime import load_model
 
-    path = _model_path(args)
-    budget = None if args.expert_cache_gb is None else int(args.expert_cache_gb * (1 << 30))
-    model = load_model(path, expert_cache_bytes=budget)
-    model.warmup()
+    path = resolve_model(args)
+    if args.prompt_ids is not None:
+        check_token_ids(args.prompt_ids, path)
+    cache = expert_cache_choice(args, path)
+    log.info(cache.line())
+    model = load_model(path, expert_cache_bytes=cache.budget_bytes, direct_io=cache.direct_io)
+    warm_up(model)
     tok = None
     if args.prompt is not None:
         from kimi_desktop.runtime import load_tokenizer
         tok = load_tokenizer(path)
         ids = tok.encode(args.prompt)
     else:
-        try:
-            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise SystemExit(f"error: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+        ids = args.prompt_ids
     out = []
     for t in model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed):
@@ -67,36 +52,53 @@ def cmd_make_test_model(args) -> int:
     return 0
 
 
+APP_PENDING = ("the desktop app is not built yet: for now, chat in the terminal with "
+               "`kimi-desktop chat --demo` (or --model PATH)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kimi-desktop",
-                                 description="Run Kimi K2 offline on one workstation.")
+    ap = Parser(prog="kimi-desktop", description="Run Kimi K2 offline on one workstation.",
+                epilog=f"Without a command, kimi-desktop will open the desktop app; {APP_PENDING}.")
     ap.add_argument("--version", action="version", version=f"kimi-desktop {__version__}")
-    ap.add_argument("--demo", action="store_true", help="open the app on the built-in demo model")
+    ap.add_argument("--demo", action="store_true", help="open the app on the built-in demo model (not built yet)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate tokens from a prompt (no chat template)")
-    _add_model_args(g)
+    g = sub.add_parser("generate", help="generate tokens from a prompt (no chat template)",
+                       description="Generate from a raw prompt, without the chat template: prints the new "
+                                   "token ids (--prompt-ids) or the decoded text (--prompt).")
+    add_model_args(g)
     pr = g.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
-    pr.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    pr.add_argument("--prompt-ids", type=token_ids, metavar="IDS", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=16, metavar="N",
+                   help="stop after N new tokens (or at the model's end token); default 16")
+    g.add_argument("--temperature", type=float_in(0.0), default=0.0, metavar="T",
+                   help="sampling temperature; 0 (the default) is greedy")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0, metavar="P",
+                   help="nucleus sampling: keep the most likely tokens up to this probability mass; default 1")
+    g.add_argument("--seed", type=int_at_least(0), default=None, metavar="N", help="sampling seed (default: random)")
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("make-test-model", help="write a random checkpoint in the official K2 layouts")
+    m = sub.add_parser("make-test-model", help="write a random checkpoint in the official K2 layouts",
+                       description="Write a complete checkpoint folder with random weights in an official "
+                                   "K2 layout (config, safetensors shards + index, tokenizer, chat template).")
     m.add_argument("out", help="output folder (must not exist or be empty)")
-    m.add_argument("--preset", choices=("tiny", "k2-slice"), default="tiny")
-    m.add_argument("--layout", choices=("int4", "fp8", "bf16"), default="int4")
-    m.add_argument("--shards", type=int, default=2)
-    m.add_argument("--n-group", type=int, default=1)
-    m.add_argument("--topk-group", type=int, default=1)
-    m.add_argument("--moe-layers", type=int, default=None)
-    m.add_argument("--routing-skew", type=float, default=0.0,
-                   help="Zipf-like expert popularity written into e_score_correction_bias")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--flavor", choices=("thinking", "instruct"), default="thinking")
+    m.add_argument("--preset", choices=("tiny", "k2-slice"), default="tiny",
+                   help="tiny: a few MB for tests; k2-slice: Kimi K2's exact dimensions, few layers (~15 GB)")
+    m.add_argument("--layout", choices=("int4", "fp8", "bf16"), default="int4",
+                   help="int4: K2-Thinking's INT4 routed experts; fp8: K2-Instruct's FP8 blocks; bf16: plain")
+    m.add_argument("--shards", type=int_at_least(1), default=2, metavar="N", help="safetensors files (default 2)")
+    m.add_argument("--n-group", type=int_at_least(1), default=1, metavar="G",
+                   help="router expert groups (K2: 1)")
+    m.add_argument("--topk-group", type=int_at_least(1), default=1, metavar="K",
+                   help="groups each token may route to (K2: 1)")
+    m.add_argument("--moe-layers", type=int_at_least(0), default=None, metavar="N",
+                   help="MoE layers after the dense one (default: the preset's)")
+    m.add_argument("--routing-skew", type=float_in(0.0), default=0.0, metavar="S",
+                   help="Zipf-like expert popularity written into e_score_correction_bias (default 0)")
+    m.add_argument("--seed", type=int_at_least(0), default=0, metavar="N", help="weights seed (default 0)")
+    m.add_argument("--flavor", choices=("thinking", "instruct"), default="thinking",
+                   help="chat template and end tokens of K2-Thinking or K2-Instruct")
     m.set_defaults(func=cmd_make_test_model)
 
     from kimi_desktop.chat_cli import register as register_chat
@@ -107,24 +109,40 @@ def build_parser() -> argparse.ArgumentParser:
     register_prepare(sub)
     from kimi_desktop.bench.run import register as register_bench
     register_bench(sub)
+    from kimi_desktop.plan_cli import register as register_plan
+    register_plan(sub)
+    from kimi_desktop.serve_cli import register as register_serve
+    register_serve(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if getattr(args, "threads", None):
-        from kimi_desktop.runtime.kernels import set_threads
-        set_threads(args.threads)
     if args.command is None:
+        if args.demo:
+            print(f"kimi-desktop --demo: {APP_PENDING}.", file=sys.stderr)
+            return 1
         ap.print_help()
         return 0
+    show_on_stderr()
     try:
+        if getattr(args, "threads", None):
+            from kimi_desktop.runtime.kernels import set_threads
+            set_threads(args.threads)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # bad input: a clear message, never a traceback
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+        # a user's mistake (bad flag value, broken or missing model): one clear line, never a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory (a smaller --expert-cache-gb or --ctx leaves more)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -55,6 +55,6 @@ def test_make_test_model_writes_a_complete_folder(tmp_path):
 
 def test_bad_prompt_ids_and_missing_model_are_clear_errors(tmp_path):
     r = run(["generate", "--model", str(tmp_path / "none"), "--prompt-ids", "1,2"])
-    assert r.returncode == 2 and "not a checkpoint folder" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--model" in r.stderr and "no such folder" in r.stderr and "Traceback" not in r.stderr
     r = run(["generate", "--demo", "--prompt-ids", "1,x"], env={"XDG_CACHE_HOME": str(tmp_path)})
     assert r.returncode != 0 and "comma-separated" in r.stderr
