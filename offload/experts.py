@@ -10,11 +10,12 @@
 Memory. One anonymous mmap (page-aligned, huge pages where the kernel allows, every page faulted
 in when the store opens: a read into untouched memory pays the faults inside the read, measured
 1.3 vs 2.3 GB/s O_DIRECT and 0.6 vs 0.03 s of system CPU per GB here) of n_slots equal slots,
-n_slots = budget_bytes // slot_bytes (or n_slots= directly). slot_bytes = an expert's tensor bytes
-plus at most 2 pages of alignment slack per tensor, rounded up to 4 KiB (K2: 24.77 MB + 48 KiB);
-with an expert pack, the pack's block size. Experts are planned lazily (headers only, on first
-use), so opening a store costs nothing per expert. Nothing else holds expert bytes, so the resident
-expert bytes never exceed the budget.
+n_slots = budget_bytes // slot_bytes (or n_slots= directly), at most one slot per expert of the
+model (a larger budget is capped: stats()["budget_bytes"] is what was kept). slot_bytes = an
+expert's tensor bytes plus at most 2 pages of alignment slack per tensor, rounded up to 4 KiB
+(K2: 24.77 MB + 48 KiB); with an expert pack, the pack's block size. Experts are planned lazily
+(headers only, on first use), so opening a store costs nothing per expert. Nothing else holds
+expert bytes, so the resident expert bytes never exceed the budget.
 
 Layout of a slot. An expert's tensors are grouped into spans (same file, gaps <= MERGE_GAP bytes
 coalesced: in a K2 shard, serialised by dtype then name, that is ~2 spans per expert: the three
@@ -79,7 +80,7 @@ from .safetensors import DTYPES, Checkpoint, CheckpointError, TensorInfo, anonym
 __all__ = [
     "ExpertStore", "ExpertStoreFull", "ExpertGeometry", "PartSpec", "MODULES", "POLICIES",
     "EvictionPolicy", "LRUPolicy", "LFUPolicy", "LeastStalePolicy", "RandomPolicy", "Clock",
-    "default_budget_bytes", "expert_parts", "PAGE",
+    "default_budget_bytes", "expert_parts", "gib", "PAGE",
 ]
 
 PAGE = 4096                  # alignment of slots, spans and O_DIRECT requests
@@ -97,6 +98,12 @@ class ExpertStoreFull(RuntimeError):
 
 def _round_up(n: int, a: int) -> int:
     return -(-n // a) * a
+
+
+def gib(n: int) -> str:
+    """Bytes as the user gives them (--expert-cache-gb is in GiB): '0.02 GiB'; small ones in MiB too."""
+    g = n / (1 << 30)
+    return f"{g:.2f} GiB" if g >= 0.1 else f"{g:.4f} GiB ({n / (1 << 20):.1f} MiB)"
 
 
 def default_budget_bytes(fraction: float = 0.5, reserve: int = 4 << 30) -> int:
@@ -576,6 +583,7 @@ class ExpertStore:
                 f.close()
             raise
         self.source = "pack" if self._pack is not None else "checkpoint"
+        self.n_experts_total = sum(self.geom.n_experts.values())
         self._checked: set = set()
 
         if n_slots is not None:                   # a slot count instead of a byte budget
@@ -596,11 +604,13 @@ class ExpertStore:
         self.n_slots = 0
         if self.mode == "none":
             return
-        self.n_slots = self.budget_bytes // self.slot_bytes
+        # never more slots than experts: a budget beyond the model's experts would be memory held for nothing
+        self.n_slots = min(self.budget_bytes // self.slot_bytes, self.n_experts_total)
         if self.n_slots < 1:
             self.close()
-            raise ValueError(f"expert budget of {self.budget_bytes} bytes holds no slot: one expert slot "
-                             f"is {self.slot_bytes} bytes")
+            raise ValueError(f"an expert cache of {gib(self.budget_bytes)} holds no expert: one expert "
+                             f"needs {gib(self.slot_bytes)}")
+        self.budget_bytes = min(self.budget_bytes, self.n_experts_total * self.slot_bytes)
         # page-aligned and faulted in now: reads into fresh pages would pay the faults inside the read
         self._pool = anonymous_buffer(self.n_slots * self.slot_bytes, populate=True)
         self._pool_mv = memoryview(self._pool)
@@ -966,8 +976,8 @@ class ExpertStore:
                     self._stats["gets"] -= 1
                     raise ExpertStoreFull(
                         f"expert store: all {self.n_slots} slots are pinned or loading after waiting "
-                        f"{self.pin_wait_s:.0f} s for expert {key[1]} of layer {key[0]}; raise the budget "
-                        f"({self.budget_bytes} B, {self.slot_bytes} B per slot) or hold fewer triples")
+                        f"{self.pin_wait_s:.0f} s for expert {key[1]} of layer {key[0]}; raise the expert cache "
+                        f"({gib(self.budget_bytes)}, {gib(self.slot_bytes)} per expert) or hold fewer triples")
                 self._cond.wait(min(left, 0.01))
                 self._drain()
                 slot = self._map.get(key)          # someone else may have loaded it meanwhile

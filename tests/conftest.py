@@ -29,3 +29,11 @@ def make_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_int4(make_ckpt):
     return make_ckpt(layout="int4", shards=2)
+
+
+@pytest.fixture(scope="session")
+def k2_full(tmp_path_factory):
+    """The full Kimi-K2-Thinking config: 62 shards with real headers and no data (sparse files)."""
+    from kimi_desktop.sparse_model import make_sparse_model
+
+    return make_sparse_model(tmp_path_factory.mktemp("k2full") / "Kimi-K2-Thinking", "k2-full", shards=62)

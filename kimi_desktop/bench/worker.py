@@ -58,6 +58,11 @@ def run_native(args) -> dict:
     from kimi_desktop.runtime.profile import timer
 
     budget = None if args.expert_budget_gb is None else int(args.expert_budget_gb * (1 << 30))
+    choice = None
+    if args.auto_expert_cache:          # what the engine does with no cache flag, decided here and now
+        from kimi_desktop.planner import choose_expert_cache
+        choice = choose_expert_cache(args.model, None)              # as NativeEngine with no flags
+        budget, args.direct_io = choice.budget_bytes, choice.direct_io
     model = load_model(args.model, expert_cache_bytes=budget, expert_policy=args.policy,
                        direct_io=args.direct_io)
     t = time.perf_counter()
@@ -83,6 +88,9 @@ def run_native(args) -> dict:
     t2, r2 = time.perf_counter(), disk_read_bytes()
     out = dict(load_s=load_s, prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
                stages_prefill=prefill_stages, stages_decode=timer.snapshot(), tokens=toks)
+    if choice is not None:
+        out["expert_cache_choice"] = dict(budget_bytes=choice.budget_bytes, direct_io=choice.direct_io,
+                                          n_slots=choice.n_slots, reason=choice.reason, line=choice.line())
     from kimi_desktop.runtime.model import MoE
     out["prefetch_gates"] = [
         {"layer": m.next_moe.layer, "scored": len(g.scores), "precision": g.precision, "active": g.active}
@@ -131,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-budget-gb", type=float, default=None)
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--direct-io", action="store_true")
+    ap.add_argument("--auto-expert-cache", action="store_true",
+                    help="the expert cache the engine chooses with no flag (kimi_desktop.planner)")
     args = ap.parse_args(argv)
     if args.threads:
         from kimi_desktop.runtime.kernels import set_threads

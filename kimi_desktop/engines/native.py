@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kimi_desktop.notices import log, warm_up
+
 from .common import Emitter, LocalEngine, common_prefix
 
 _Emitter = Emitter                  # the name this module used before the shared loop moved to .common
@@ -24,24 +26,43 @@ class NativeEngine(LocalEngine):
     thread_name = "kimi-native-gen"
 
     def __init__(self, model_path: str | Path, ctx: int | None = None, *, model=None, tokenizer=None,
-                 expert_cache_bytes: int | None = None, direct_io: bool = False):
+                 expert_cache_gb: float | None = None, expert_cache=None, expert_cache_bytes: int | None = None,
+                 direct_io: bool | None = None):
+        """Routed experts: `expert_cache_bytes` (0: the page cache) as given; else `expert_cache`, a
+        planner.ExpertCacheChoice made already (the CLI checks its flag that way); else
+        planner.choose_expert_cache(expert_cache_gb): None = sized to this machine, 0 = the page
+        cache, > 0 = a store of that many GiB (ValueError in the user's terms when it cannot be)."""
         from kimi_desktop.runtime import load_model, load_tokenizer
 
+        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2):
+            raise ValueError(f"ctx must be an integer >= 2, got {ctx!r}")
         self.path = Path(model_path)
-        self.model = model if model is not None else load_model(
-            self.path, expert_cache_bytes=expert_cache_bytes, direct_io=direct_io)
-        self.model.warmup()
+        self.expert_cache_choice = None
+        if model is None:
+            if expert_cache_bytes is None:
+                from kimi_desktop.planner import choose_expert_cache
+                c = expert_cache or choose_expert_cache(self.path, expert_cache_gb, ctx=ctx)
+                self.expert_cache_choice = c
+                log.info(c.line())
+                expert_cache_bytes, direct_io = c.budget_bytes, c.direct_io if direct_io is None else direct_io
+            model = load_model(self.path, expert_cache_bytes=expert_cache_bytes or None,
+                               direct_io=bool(direct_io))
+        self.model = model
+        warm_up(self.model)
         tok = tokenizer if tokenizer is not None else load_tokenizer(self.path)
         cfg = self.model.cfg
         max_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
-        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2):
-            raise ValueError(f"ctx must be an integer >= 2, got {ctx!r}")
         self._init_local(tok, self.model.session(), ctx or max_ctx or 4096, int(cfg.vocab_size),
                          end_ids=self.model.end_ids)
 
     def _engine_stats(self) -> dict:
         s = {"kv_cache_bytes": int(getattr(getattr(self.session, "cache", None), "nbytes", 0) or 0)}
         s.update(expert_cache_stats(self.model.experts))
+        c = self.expert_cache_choice
+        s.update(c.as_stats() if c is not None else
+                 {"expert_cache_mode": "expert store" if s["expert_cache_budget"] else "page cache",
+                  "expert_cache_auto": False, "expert_cache_direct_io": None,
+                  "expert_cache_reason": "given by the caller"})
         return s
 
 

@@ -58,3 +58,31 @@ def test_decode_read_amplification():
     d = decode_read_amplification(before, after, 100)
     assert d["needed_bytes"] == 500 and d["read_bytes"] == 700 and d["ratio"] == 1.4
     assert decode_read_amplification(before, before, 100)["ratio"] is None
+
+
+def test_cache_variants_run_the_engine_default_beside_fixed_budgets(tiny_int4, tmp_path):
+    """--cache-variants auto,0,N: the native engine with no cache flag (its own choice, labelled
+    "native"), the page cache and a fixed store, alternating, in the pressure regime."""
+    import argparse
+
+    from kimi_desktop.bench.run import _cache_variants, cache_variant
+
+    args = argparse.Namespace(policy="lru", direct_io=True)
+    got = [cache_variant(v, tiny_int4, args) for v in _cache_variants("auto,0,3")]
+    assert [g[0] for g in got] == ["native", "native-pagecache", "native-3gib"]
+    assert got[0][3] == ["--auto-expert-cache"] and got[1][3] == []
+    assert got[2][3] == ["--expert-budget-gb", "3", "--policy", "lru", "--direct-io"]
+    with pytest.raises(argparse.ArgumentTypeError, match="auto, 0 or GiB"):
+        _cache_variants("auto,-1")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "kimi_desktop", "bench", "--model", str(tiny_int4), "--prompt-len", "4",
+           "--decode", "2", "--threads", "1", "--regimes", "pressure", "--balloon-gb", "0",
+           "--cache-variants", "auto,0,0.001", "--repeats", "1", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(out.read_text())["regimes"]["pressure"]["runs"]
+    assert set(runs) == {"native", "native-pagecache", "native-0.001gib"}
+    assert all("error" not in run for run in runs.values()), runs
+    assert "fit in" in runs["native"]["expert_cache_choice"]["reason"]      # a tiny model: the page cache
+    assert runs["native-0.001gib"]["expert_cache"]["budget_bytes"] > 0 and "expert_cache" not in runs["native-pagecache"]
+    assert "Native default (pressure): expert cache: OS page cache" in r.stdout
