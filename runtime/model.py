@@ -469,6 +469,7 @@ class Model:
     def forward(self, ids: np.ndarray, cache: LatentCache, start: int, logits: str = "last") -> np.ndarray | None:
         """ids [T] at positions start.. -> logits [T, vocab] ("all"), [1, vocab] ("last") or None ("none")."""
         with _FORWARD_LOCK:
+            kernels.policy.before_forward()     # threads for this pass, on this thread (numba's is per thread)
             return self._forward(ids, cache, start, logits)
 
     def _forward(self, ids, cache, start, logits):

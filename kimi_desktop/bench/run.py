@@ -11,6 +11,7 @@ same run, so every number comes with the bound it should be read against.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import psutil
 
+from kimi_desktop.cli_options import cpu_count, float_in, int_at_least, threads
+
 from . import ceilings
 from .balloon import Balloon
+from .compete import Competitors, ms_per_token_table, thread_variants, with_thread_variants
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -29,10 +33,13 @@ def model_files(model_dir: Path) -> list[Path]:
 
 
 def run_worker(engine: str, model: Path, args, extra: list[str] = ()) -> dict:
+    # no --threads: the native engine picks its own (llama.cpp gets every core, as it always had)
+    n = args.threads or (cpu_count() if engine == "llama.cpp" else None)
     cmd = [sys.executable, "-m", "kimi_desktop.bench.worker", engine, str(model), "--prompt-len",
-           str(args.prompt_len), "--decode", str(args.decode), "--threads", str(args.threads), *extra]
+           str(args.prompt_len), "--decode", str(args.decode), *(["--threads", str(n)] if n else []), *extra]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    with Competitors(getattr(args, "compete", 0)):
+        p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return {"engine": engine, "error": p.stderr.strip().splitlines()[-1:] or ["failed"],
                 "wall_s": time.perf_counter() - t}
@@ -72,19 +79,48 @@ def median_run(runs: list[dict]) -> dict:
     return pick
 
 
+def cache_variant(v: str, model_dir: Path, args) -> tuple:
+    """(label, engine, path, worker flags) of one --cache-variants entry: auto (the engine's own
+    choice, no flag: labelled "native"), 0 (the page cache) or a store of that many GiB."""
+    if v == "auto":
+        return ("native", "native", model_dir, ["--auto-expert-cache"])
+    if float(v) == 0:
+        return ("native-pagecache", "native", model_dir, [])
+    extra = ["--expert-budget-gb", v, "--policy", args.policy] + (["--direct-io"] if args.direct_io else [])
+    return (f"native-{float(v):g}gib", "native", model_dir, extra)
+
+
+def _cache_variants(text: str) -> list[str]:
+    out = []
+    for v in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            ok = v == "auto" or float(v) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of auto, 0 or GiB, got {v!r}")
+        out.append(v)
+    return out
+
+
 def one_regime(name: str, model_dir: Path, gguf: Path | None, args) -> dict:
     native_extra = []
-    if name == "pressure":
+    if name == "pressure" and args.expert_cache_gb is None:
+        native_extra.append("--auto-expert-cache")            # what a user gets with no flag
+    elif name == "pressure":
         native_extra += ["--expert-budget-gb", str(args.expert_cache_gb), "--policy", args.policy]
         if args.direct_io:
             native_extra.append("--direct-io")
     # (label, engine, model path, worker flags); under pressure the native engine runs twice:
-    # with its budgeted expert cache, and with none at all (experts through the OS page cache)
+    # with its own expert-cache choice (or --expert-cache-gb), and with none at all (the OS page cache)
     engines = [("native", "native", model_dir, native_extra)]
     if name == "pressure" and args.compare_page_cache:
         engines.append(("native-pagecache", "native", model_dir, []))
+    if name == "pressure" and args.cache_variants:
+        engines = [cache_variant(v, model_dir, args) for v in args.cache_variants]
     if gguf is not None:
         engines.append(("llama.cpp", "llama.cpp", gguf, []))
+    engines = with_thread_variants(engines, args.thread_variants)
     all_runs: dict[str, list[dict]] = {label: [] for label, *_ in engines}
     for _ in range(max(1, args.repeats)):         # engines alternate, so drift hits all of them alike
         for label, engine, path, extra in engines:
@@ -231,6 +267,10 @@ def table(results: dict) -> str:
                      f"{ec['raw_replay_gbps']:.2f} GB/s (store = {ec['read_gbps'] / ec['raw_replay_gbps']:.0%} of it)")
         rows.append(line + ".")
     for regime, r in results["regimes"].items():
+        choice = r.get("runs", {}).get("native", {}).get("expert_cache_choice")
+        if choice:
+            rows.append(f"Native default ({regime}): {choice['line']}.")
+    for regime, r in results["regimes"].items():
         amp = r.get("runs", {}).get("native", {}).get("decode_expert_reads")
         if amp and amp.get("ratio") is not None:
             rows.append(f"Decode expert reads ({regime}, native): {amp['read_bytes'] / 1e9:.2f} GB read for "
@@ -256,6 +296,9 @@ def stage_table(results: dict) -> str:
 
 
 def main(args) -> int:
+    if args.demo:
+        from kimi_desktop.demo import demo_model_path
+        args.model = str(demo_model_path())
     model_dir = Path(args.model)
     gguf = Path(args.gguf) if args.gguf else None
     if gguf is not None and not gguf.exists():
@@ -263,7 +306,7 @@ def main(args) -> int:
         print(f"exporting {gguf} ...", flush=True)
         export_gguf(model_dir, gguf)
     results = {"model": str(model_dir), "gguf": str(gguf) if gguf else None, "threads": args.threads,
-               "prompt_len": args.prompt_len, "decode": args.decode, "bytes": model_bytes(model_dir),
+               "compete": args.compete, "prompt_len": args.prompt_len, "decode": args.decode, "bytes": model_bytes(model_dir),
                "machine": {"cpus": psutil.cpu_count(), "ram": psutil.virtual_memory().total},
                "prefill_gflop": prefill_gflop(model_dir, args.prompt_len),
                "ceilings": measure_ceilings(model_dir, args), "regimes": {}}
@@ -276,35 +319,58 @@ def main(args) -> int:
     text = table(results) + "\n\n" + stage_table(results)
     if "policies" in results:
         text += "\n\n" + policy_text(results["policies"])
+    if args.compete or args.thread_variants:
+        text += "\n\n" + ms_per_token_table(results)
     print(text)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"results: {args.out}")
+    cells = [run for r in results["regimes"].values() for run in r["runs"].values()]
+    if cells and all("error" in run for run in cells):
+        print(f"error: every run failed; the first: {cells[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure this engine against llama.cpp side by side")
-    p.add_argument("--model", required=True, help="checkpoint folder (e.g. made with make-test-model --preset k2-slice)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint folder (e.g. made with make-test-model --preset k2-slice)")
+    src.add_argument("--demo", action="store_true", help="the built-in tiny demo model (made on first use)")
     p.add_argument("--gguf", default=None, help="the same model as GGUF (exported if missing); omit to skip llama.cpp")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--decode", type=int, default=32)
-    p.add_argument("--threads", type=int, default=psutil.cpu_count(logical=True))
-    p.add_argument("--regimes", default="ram,pressure")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--prompt-len", type=int_at_least(1), default=64, metavar="N", help="prompt tokens (default 64)")
+    p.add_argument("--decode", type=int_at_least(1), default=32, metavar="N", help="greedy tokens decoded (default 32)")
+    p.add_argument("--threads", type=threads, default=None, metavar="N",
+                   help="compute threads for both engines (default: the native engine's own choice; "
+                        "llama.cpp all cores)")
+    p.add_argument("--compete", type=int_at_least(0), default=0, metavar="N",
+                   help="N busy CPU-bound processes run beside every measured run (default 0: an idle machine)")
+    p.add_argument("--thread-variants", type=thread_variants, default=None, metavar="LIST",
+                   help="the native engine once per entry, alternating: default (no --threads) or a thread "
+                        "count; e.g. default,1,2 (the thread study)")
+    p.add_argument("--regimes", default="ram,pressure",
+                   help="comma-separated: ram (model files in the page cache), pressure (page cache dropped, "
+                        "a balloon holds RAM); default both")
+    p.add_argument("--repeats", type=int_at_least(1), default=3,
                    help="runs per engine and regime, engines alternating; medians are reported")
-    p.add_argument("--balloon-gb", type=float, default=13.0, help="RAM held during the pressure regime")
-    p.add_argument("--expert-cache-gb", type=float, default=3.0, help="native expert cache in the pressure regime")
-    p.add_argument("--policy", default="lru")
+    p.add_argument("--balloon-gb", type=float_in(0.0), default=13.0, metavar="G",
+                   help="RAM in GiB held during the pressure regime (default 13)")
+    p.add_argument("--expert-cache-gb", type=float_in(0.0, lo_open=True), default=None, metavar="G",
+                   help="native expert cache in GiB in the pressure regime (default: the engine's own choice)")
+    p.add_argument("--policy", default="lru", help="expert cache eviction policy: lru, lfu, least-stale, random")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="native expert reads through the page cache under pressure (default: O_DIRECT, "
                         "which skips the copy into a page cache the balloon leaves little room for)")
+    p.add_argument("--cache-variants", type=_cache_variants, default=None, metavar="LIST",
+                   help="pressure regime: the native engine once per entry, alternating: auto (no cache flag: "
+                        "the engine's own choice), 0 (the OS page cache) or GiB of expert store; e.g. auto,0,3,6 "
+                        "(replaces --expert-cache-gb and the page-cache run)")
     p.add_argument("--no-page-cache-run", dest="compare_page_cache", action="store_false",
                    help="skip the pressure run of the native engine without its expert cache")
     p.add_argument("--kernels", action="store_true", help="also run the kernel micro-bench")
     p.add_argument("--traces", action="store_true",
                    help="also record the model's routing and report hit rate per cache policy")
-    p.add_argument("--trace-prompt", type=int, default=256)
-    p.add_argument("--trace-decode", type=int, default=256)
+    p.add_argument("--trace-prompt", type=int_at_least(1), default=256, metavar="N", help="--traces: prompt tokens")
+    p.add_argument("--trace-decode", type=int_at_least(0), default=256, metavar="N", help="--traces: decoded tokens")
     p.add_argument("--out", default=None, help="write all results as JSON")
     p.set_defaults(func=main)

@@ -15,13 +15,15 @@ dtypes and contiguity and allocates the output; the model calls only the launche
     mla_prefill(q, kvb, pe, start, scale, C)  -> out [T, H, V]   causal, latent expanded by kv_b
 
 warmup() runs each of them once on tiny inputs, so numba's compile / cache load happens at load time,
-not in the first request. Threads: set_threads(n) (numba.set_num_threads; default all cores).
-Measurements: microbench.py.
+not in the first request. Threads: set_threads(n) fixes the count; by default (set_threads(None))
+each forward pass uses the cores the rest of the machine leaves free, and work too small to pay a
+parallel launch runs serially (the same bits): _launch.py. Measurements: microbench.py.
 """
 from __future__ import annotations
 
 import numba
 
+from ._launch import policy
 from .bf16 import bf16_gemm, bf16_gemm_ref, bf16_gemv, bf16_gemv_ref
 from .fp8 import FP8_E4M3_LUT, fp8_dequant_ref, fp8_gemm, fp8_gemm_ref, fp8_gemv, fp8_gemv_ref, fp8_to_f32
 from .int4 import int4_dequant_ref, int4_gemm, int4_gemm_ref, int4_gemv, int4_gemv_ref, int4_unpack_ref
@@ -33,7 +35,7 @@ from .router import router_topk, router_topk_ref
 from .warmup import warmup
 
 __all__ = [
-    "set_threads", "get_threads", "warmup",
+    "set_threads", "get_threads", "policy", "warmup",
     "int4_gemv", "int4_gemm", "int4_gemv_ref", "int4_gemm_ref", "int4_dequant_ref", "int4_unpack_ref",
     "bf16_gemv", "bf16_gemm", "bf16_gemv_ref", "bf16_gemm_ref",
     "fp8_gemv", "fp8_gemm", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_dequant_ref", "fp8_to_f32", "FP8_E4M3_LUT",
@@ -44,13 +46,13 @@ __all__ = [
 
 
 def set_threads(n: int | None = None) -> int:
-    """Threads for the numba kernels (None or 0: all cores). Returns the number set."""
+    """Threads for the numba kernels: n fixed, or None / 0: as many as there are free cores at each
+    forward pass (all cores on an idle machine). Returns the number in use now."""
     top = numba.config.NUMBA_NUM_THREADS
-    n = top if not n else int(n)
-    if not 1 <= n <= top:
+    if n and not 1 <= int(n) <= top:
         raise ValueError(f"threads: expected 1..{top}, got {n}")
-    numba.set_num_threads(n)
-    return n
+    policy.fixed_threads = int(n) if n else None
+    return policy.before_forward()
 
 
 def get_threads() -> int:

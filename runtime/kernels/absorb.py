@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._launch import twin
+
 
 def absorb_q_ref(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray:
     """kv_b bf16 (uint16 view) [H*(C+V), R], q_nope f32 [H, C] -> q_lat f32 [H, R]."""
@@ -20,6 +22,7 @@ def absorb_q_ref(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.nda
     return np.einsum("hc,hcr->hr", q_nope, w).astype(np.float32)
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _absorb_q(kv_b, q_nope, C, V, out):
     H, R = out.shape
@@ -43,7 +46,7 @@ def absorb_q(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray
     if q.shape != (H, C):
         raise ValueError(f"q_nope: expected [{H}, {C}], got {q.shape}")
     out = np.empty((H, kv_b.shape[1]), np.float32)
-    _absorb_q(kv_b, q, C, V, out)
+    _absorb_q.pick(H * C * kv_b.shape[1])(kv_b, q, C, V, out)
     return out
 
 
@@ -54,6 +57,7 @@ def absorb_out_ref(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.nd
     return np.einsum("hvr,hr->hv", w, o_lat).astype(np.float32)
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)   # fastmath: lets LLVM vectorize the dot's reduction
 def _absorb_out(kv_b, o_lat, C, V, out):
     H, R = o_lat.shape
@@ -75,5 +79,5 @@ def absorb_out(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.ndarra
     if o.shape != (H, kv_b.shape[1]):
         raise ValueError(f"o_lat: expected [{H}, {kv_b.shape[1]}], got {o.shape}")
     out = np.empty((H, V), np.float32)
-    _absorb_out(kv_b, o, C, V, out)
+    _absorb_out.pick(H * V * kv_b.shape[1])(kv_b, o, C, V, out)
     return out

@@ -20,6 +20,7 @@ from numba import njit, prange
 from ._common import FM, as_u16, bf16_to_f32, check, out_array
 from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, prefetch_l2, store_f32,
                     u32_as_f32, zeros_f32)
+from ._launch import twin
 from ._tile import TILE_K, blocks_to_out, mk4x4, pad_tokens, row_blocks_per_task
 
 __all__ = ["bf16_gemv_ref", "bf16_gemm_ref", "bf16_gemv", "bf16_gemm"]
@@ -121,6 +122,7 @@ def _row1(wf, x, xo, y, yo, r, n):
     y[yo + r] = s
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _bf16_gemv(w, x, y):
     out, n = w.shape
@@ -154,6 +156,7 @@ def _decode_tile(wf, n, r0, nr, k0, K, tile):
             tile[base + k] = u32_as_f32(np.uint32(wf[src + k]) << 16) if k < nk else np.float32(0.0)
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _bf16_tiles(w, xp, T, Y, RB):
     """RB row blocks (of 4 rows) per task, chunk-major: each activation chunk is reused from L2 by
@@ -184,7 +187,7 @@ def bf16_gemv(w, x, out=None):
     w = as_u16(w, "w", 2)
     x = check(x, "x", np.float32, 1, (w.shape[1],))
     y = out_array(out, (w.shape[0],))
-    _bf16_gemv(w, x, y)
+    _bf16_gemv.pick(w.size)(w, x, y)
     return y
 
 
@@ -195,8 +198,8 @@ def bf16_gemm(w, X, out=None):
     T = X.shape[0]
     Y = out_array(out, (T, w.shape[0]))
     if T == 1:
-        _bf16_gemv(w, X[0], Y[0])
+        _bf16_gemv.pick(w.size)(w, X[0], Y[0])
     elif T > 1:
         xp = pad_tokens(X, TILE_K)
-        _bf16_tiles(w, xp, T, Y, row_blocks_per_task(w.shape[0], xp))
+        _bf16_tiles.pick(w.size * T)(w, xp, T, Y, row_blocks_per_task(w.shape[0], xp))
     return Y

@@ -28,6 +28,7 @@ from numba import njit, prange
 
 from ._common import FM, as_u8, check, out_array
 from ._simd import fma, fmul, hsum, load_e4m3, load_f32, prefetch, splat_f32, store_f32, zeros_f32
+from ._launch import twin
 from ._tile import TILE_K, blocks_to_out, mk4x4, pad_tokens, row_blocks_per_task
 
 __all__ = ["FP8_E4M3_LUT", "fp8_to_f32", "fp8_dequant_ref", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_gemv", "fp8_gemm"]
@@ -167,6 +168,7 @@ def _row1(wf, sf, lut, x, y, r, n, ncb, b0, b1):
     y[r] = hsum(a) + acc
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _fp8_gemv(w, scale_inv, b0, b1, lut, x, y):
     out, n = w.shape
@@ -207,6 +209,7 @@ def _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, nr, k0, K, tile):
                 tile[base + k] = 0.0
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y, RB):
     """RB row blocks per task, chunk-major (as _bf16_tiles)."""
@@ -253,9 +256,9 @@ def fp8_gemv(w, scale_inv, x, block=(128, 128), out=None):
     x = check(x, "x", np.float32, 1, (w.shape[1],))
     y = out_array(out, (w.shape[0],))
     if b1 % 16 == 0:
-        _fp8_gemv(w, scale_inv, b0, b1, FP8_E4M3_LUT, x, y)
+        _fp8_gemv.pick(w.size)(w, scale_inv, b0, b1, FP8_E4M3_LUT, x, y)
     else:
-        _fp8_tiles(w, scale_inv, b0, b1, FP8_E4M3_LUT, pad_tokens(x.reshape(1, -1), TILE_K), 1, y.reshape(1, -1), 1)
+        _fp8_tiles.pick(w.size)(w, scale_inv, b0, b1, FP8_E4M3_LUT, pad_tokens(x.reshape(1, -1), TILE_K), 1, y.reshape(1, -1), 1)
     return y
 
 
@@ -266,8 +269,8 @@ def fp8_gemm(w, scale_inv, X, block=(128, 128), out=None):
     T = X.shape[0]
     Y = out_array(out, (T, w.shape[0]))
     if T == 1 and b1 % 16 == 0:
-        _fp8_gemv(w, scale_inv, b0, b1, FP8_E4M3_LUT, X[0], Y[0])
+        _fp8_gemv.pick(w.size)(w, scale_inv, b0, b1, FP8_E4M3_LUT, X[0], Y[0])
     elif T >= 1:
         xp = pad_tokens(X, TILE_K)
-        _fp8_tiles(w, scale_inv, b0, b1, FP8_E4M3_LUT, xp, T, Y, row_blocks_per_task(w.shape[0], xp))
+        _fp8_tiles.pick(w.size * T)(w, scale_inv, b0, b1, FP8_E4M3_LUT, xp, T, Y, row_blocks_per_task(w.shape[0], xp))
     return Y

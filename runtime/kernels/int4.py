@@ -38,6 +38,7 @@ from numba import njit, prange
 from ._common import FM, as_i32, as_u16, bf16_to_f32, check, out_array
 from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, load_bf16_rep4, load_f32, load_i32,
                     prefetch_l2, splat_f32, splat_i32, store_f32, u32_as_f32, zeros_f32)
+from ._launch import twin
 from ._tile import blocks_to_out, mk4x4, row_blocks_per_task
 
 GROUP = 32
@@ -247,6 +248,7 @@ def _gemv_row1(pf, sf, xs, xo, c, co, xf, xfo, y, yo, r, W, G):
     y[yo + r] = acc
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _int4_direct(packed, scale, xs, c, xf, Y):
     """Y[T, out] for small T: per row block, the GEMV loop once per token."""
@@ -310,6 +312,7 @@ def _decode_tile(pf, sf, W, G, r0, nr, w0, CW, tile):
                     tile[base + j * CW + ww] = 0.0
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _int4_tiles(packed, scale, xp, T, Y, RB):
     """RB row blocks per task, chunk-major (as _bf16_tiles)."""
@@ -363,7 +366,7 @@ def int4_gemv(packed, scale, x, out=None):
     _check_in(x.shape[0], packed.shape[1], "x")
     y = out_array(out, (packed.shape[0],))
     xs, c, xf = _prep_gemv_x(x.reshape(1, -1), packed.shape[1])
-    _int4_direct(packed, scale, xs, c, xf, y.reshape(1, -1))
+    _int4_direct.pick(packed.size * 8)(packed, scale, xs, c, xf, y.reshape(1, -1))
     return y
 
 
@@ -378,8 +381,8 @@ def int4_gemm(packed, scale, X, out=None):
         return Y
     if T <= DIRECT_T_MAX:
         xs, c, xf = _prep_gemv_x(X, packed.shape[1])
-        _int4_direct(packed, scale, xs, c, xf, Y)
+        _int4_direct.pick(packed.size * 8 * T)(packed, scale, xs, c, xf, Y)
     else:
         xp = _prep_tile_x(X, packed.shape[1], TILE_W, (T + 3) // 4 * 4)
-        _int4_tiles(packed, scale, xp, T, Y, row_blocks_per_task(packed.shape[0], xp))
+        _int4_tiles.pick(packed.size * 8 * T)(packed, scale, xp, T, Y, row_blocks_per_task(packed.shape[0], xp))
     return Y

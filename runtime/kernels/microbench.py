@@ -22,7 +22,7 @@ import time
 import numpy as np
 import numba
 
-from . import get_threads, set_threads
+from . import get_threads, policy, set_threads
 from ._common import f32_to_bf16
 
 ROTATE_BYTES = 256 << 20
@@ -155,7 +155,7 @@ def bench_mla(N: int, seconds: float, rng, H: int = 64, R: int = 512, P: int = 6
 
 def run_microbench(threads: int | None = None, seconds: float = 1.0, quick: bool = False) -> dict:
     """Measure and return a dict of results (GB/s, GFLOP/s, % of the numpy DRAM read figure)."""
-    old = get_threads()
+    old = policy.fixed_threads
     set_threads(threads)
     rng = np.random.default_rng(0)
     try:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import numba
 from numba import njit, prange
 
 from ._common import FM, check, out_array
+from ._launch import policy, twin
 from ._simd import (bits2f, f2i, fadd, fma, fmax, fmin, fmul, fsub, hsum, hsum16, iadd, ishl, load_f32, splat_f32,
                     splat_i32, store_f32, zeros_f32)
 
@@ -209,6 +209,7 @@ def _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch):
                 _pv_rest(S, Cs, h0, n, j0, kvf, R, O, R64)
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _mla(Q, Hp, kv, pe, nparts, pm, pl, pO):
     N, R = kv.shape
@@ -270,10 +271,10 @@ def mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale, out=None):
     Q = np.zeros((Hp, R + P), np.float32)
     Q[:H, :R] = q_lat * np.float32(scale)
     Q[:H, R:] = q_pe * np.float32(scale)
-    nparts = max(1, min(numba.get_num_threads(), -(-N // CHUNK)))
+    nparts = max(1, min(policy.width(), -(-N // CHUNK)))     # not the load-dependent count: same bits
     pm = np.empty((nparts, Hp), np.float32)
     pl = np.empty((nparts, Hp), np.float32)
     pO = np.empty((nparts, Hp, R), np.float32)
-    _mla(Q.reshape(-1), Hp, kv_cache, pe_cache, nparts, pm, pl, pO)
+    _mla.pick(2 * N * Hp * (R + P))(Q.reshape(-1), Hp, kv_cache, pe_cache, nparts, pm, pl, pO)
     _merge(pm, pl, pO, H, o)
     return o

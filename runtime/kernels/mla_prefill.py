@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FM, check, out_array
+from ._launch import twin
 from ._simd import fadd, fmul, fsub, hsum, load_f32, splat_f32, store_f32, zeros_f32
 from .mla import _pv_rest, _pv_tile4, _qk_tile, _vexp
 
@@ -71,6 +72,7 @@ def _softmax_rows(S, Cs, t0, T, start, nvis):
             S[sb + j] = 0.0
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _mla_prefill(q, kvb, pe, start, scale, C, out):
     T, H, D = q.shape
@@ -131,5 +133,5 @@ def mla_prefill(q, kvb, pe, start, scale, C, out=None):
     pe = check(pe, "pe", np.float32, 2, (N, D - C))
     o = out_array(out, (T, H, kvb.shape[2] - C))
     if T:
-        _mla_prefill(q, kvb, pe, int(start), np.float32(scale), int(C), o)
+        _mla_prefill.pick(H * T * N * (D + kvb.shape[2] - C) // 2)(q, kvb, pe, int(start), np.float32(scale), int(C), o)
     return o

@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FM, _BF16, bf16_to_f32, check, out_array
+from ._launch import twin
 from ._simd import fadd, fma, fmul, hsum, load_f32, splat_f32, store_f32, zeros_f32
 
 __all__ = ["rmsnorm_ref", "rmsnorm"]
@@ -41,6 +42,7 @@ def _rmsnorm_row(x, w, eps, y, o, d):
         y[o + i] = w[i] * (x[o + i] * r)
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _rmsnorm(x, w, eps, y):
     T, d = x.shape
@@ -60,5 +62,5 @@ def rmsnorm(x, w, eps, out=None):
         w = bf16_to_f32(w.view(np.uint16))
     w = check(w, "w", np.float32, 1, (d,))
     y = out_array(out, x.shape)
-    _rmsnorm(x2, w, np.float32(eps), y.reshape(x2.shape))
+    _rmsnorm.pick(x2.size)(x2, w, np.float32(eps), y.reshape(x2.shape))
     return y

@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import check, out_array
+from ._launch import twin
 
 __all__ = ["rope_interleaved_ref", "rope_interleaved"]
 
@@ -44,6 +45,7 @@ def rope_interleaved_ref(x, positions, inv_freq, mscale=1.0, fp32_angles=False):
     return out
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _rope(x, positions, inv_freq, mscale, fp32_angles, out):
     T, H, d = x.shape
@@ -80,6 +82,6 @@ def rope_interleaved(x, positions, inv_freq, mscale=1.0, fp32_angles=False, out=
     if inv_freq.shape != (d // 2,) or inv_freq.dtype not in (np.float32, np.float64):
         raise ValueError(f"inv_freq: expected float32/float64 shape ({d // 2},), got {inv_freq.dtype} {inv_freq.shape}")
     y = out_array(out, x.shape)
-    _rope(x3, np.ascontiguousarray(positions, np.int64), np.ascontiguousarray(inv_freq),
+    _rope.pick(x3.size)(x3, np.ascontiguousarray(positions, np.int64), np.ascontiguousarray(inv_freq),
           np.float32(mscale), bool(fp32_angles), y.reshape(x3.shape))
     return y

@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import check
+from ._launch import twin
 
 __all__ = ["router_topk_ref", "router_topk"]
 
@@ -56,6 +57,7 @@ def _beats(v, i, bv, bi):
     return v > bv or (v == bv and i < bi)
 
 
+@twin
 @njit(parallel=True, nogil=True, cache=True)
 def _router(logits, bias, n_group, topk_group, top_k, norm, rsf, idx, wts):
     T, E = logits.shape
@@ -131,5 +133,5 @@ def router_topk(logits, bias, n_group, topk_group, top_k, norm_topk_prob, routed
         raise ValueError(f"top_k: expected 1..{E}, got {top_k}")
     idx = np.empty((T, top_k), np.int32)
     w = np.empty((T, top_k), np.float32)
-    _router(logits, bias, n_group, topk_group, top_k, bool(norm_topk_prob), float(routed_scaling_factor), idx, w)
+    _router.pick(logits.size * top_k)(logits, bias, n_group, topk_group, top_k, bool(norm_topk_prob), float(routed_scaling_factor), idx, w)
     return idx, w

@@ -10,10 +10,12 @@ tiled GEMM, absorbed decode and prefill attention).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 
+from ._launch import policy
 from .absorb import absorb_out, absorb_q
 from .bf16 import bf16_gemm, bf16_gemv
 from .fp8 import fp8_gemm, fp8_gemv
@@ -44,6 +46,13 @@ def warmup(formats=FORMATS) -> float:
     if unknown:
         raise ValueError(f"formats: unknown {sorted(unknown)} (known: {', '.join(FORMATS)})")
     t0 = time.perf_counter()
+    for min_work in (0, math.inf):              # each kernel's parallel and serial twin (_launch.py)
+        with policy.forced(min_work):
+            _run_all(formats)
+    return time.perf_counter() - t0
+
+
+def _run_all(formats) -> None:
     rng = np.random.default_rng(0)
     out, n = 8, 64
     x = rng.standard_normal(n).astype(np.float32)
@@ -74,4 +83,3 @@ def warmup(formats=FORMATS) -> float:
     for (kvb,) in _both(rng.integers(0, 1 << 14, (H * (C + V), R)).astype(np.uint16)):
         absorb_q(kvb, rng.standard_normal((H, C)).astype(np.float32), C, V)
         absorb_out(kvb, rng.standard_normal((H, R)).astype(np.float32), C, V)
-    return time.perf_counter() - t0

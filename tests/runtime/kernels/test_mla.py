@@ -45,7 +45,7 @@ def test_mla_peaked_softmax_and_prefix_view():
 
 def test_mla_thread_count_invariant():
     ql, qp, kv, pe = _case(8, 64, 16, 5 * mla.CHUNK + 3, 4)
-    n = K.get_threads()
+    n = K.policy.fixed_threads
     try:
         K.set_threads(1)
         one = K.mla_decode_absorbed(ql, qp, kv, pe, 0.3)

@@ -18,6 +18,7 @@ import importlib, json, pkgutil, sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
 from kimi_desktop.runtime import kernels as K, load_model
+from kimi_desktop.runtime.kernels._launch import Twin
 
 def specializations():
     out = {}
@@ -26,6 +27,9 @@ def specializations():
         for name, obj in vars(mod).items():
             if isinstance(obj, CPUDispatcher) and obj.__module__ == mod.__name__:
                 out[f"{m.name}.{name}"] = len(obj.signatures)
+            elif isinstance(obj, Twin):              # a parallel kernel and its serial twin
+                out[f"{m.name}.{name}"] = len(obj.parallel.signatures)
+                out[f"{m.name}.{name}.serial"] = len(obj.serial.signatures)
     return out
 
 model = load_model(sys.argv[1])
