@@ -203,6 +203,32 @@ class LocalEngine(QueuedEngine):
         return self._start(ChatStream(on_cancel=self.lock.wake),
                            lambda stream: self._generate(stream, ids, budget, sampling, constrainer), len(ids))
 
+    def complete(self, prompt: str | Sequence[int], sampling: Sampling | None = None) -> ChatStream:
+        """A raw completion, no chat template (the server's /v1/completions): the prompt text (special-token
+        strings become their ids) or token ids as given; the output is ContentDelta text with special
+        tokens spelled out (no reasoning or tool-call parsing). Queued like chat()."""
+        self._check_open()
+        sampling = sampling if sampling is not None else Sampling()
+        sampling.validate()
+        if sampling.response_format is not None:
+            raise ChatRequestError("response_format is for chat requests", "response_format")
+        if isinstance(prompt, str):
+            ids = self._encode_prompt(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+            if bad:
+                raise ChatRequestError(f"prompt: token id {bad[0]} is outside the vocabulary "
+                                       f"(0..{self.tokenizer.vocab_size - 1})", "prompt")
+        if not ids:
+            raise ChatRequestError("prompt: the prompt is empty", "prompt")
+        if len(ids) >= self.ctx:
+            raise ChatRequestError(f"prompt: the prompt is {len(ids)} tokens but the context holds "
+                                   f"{self.ctx} (nothing left to generate)", "prompt")
+        budget = self.ctx - len(ids) if sampling.max_tokens is None else min(self.ctx - len(ids), sampling.max_tokens)
+        return self._start(ChatStream(on_cancel=self.lock.wake),
+                           lambda stream: self._generate(stream, ids, budget, sampling, None, raw=True), len(ids))
+
     def _encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
@@ -296,7 +322,7 @@ class LocalEngine(QueuedEngine):
         return s
 
     def _generate(self, stream: ChatStream, ids: list[int], budget: int, sampling: Sampling,
-                  constrainer: Constrainer | None) -> None:
+                  constrainer: Constrainer | None, raw: bool = False) -> None:
         from kimi_desktop.runtime.k2_output import K2OutputParser
 
         sess = self.session
@@ -322,8 +348,8 @@ class LocalEngine(QueuedEngine):
             frequency_penalty=float(sampling.frequency_penalty),
             repetition_penalty=float(sampling.repetition_penalty), seed=sampling.seed), prompt_ids=ids)
         n_top = (sampling.top_logprobs or 0) if sampling.logprobs else None
-        parser = K2OutputParser(tok, reasoning=self.thinking)
-        if self.thinking and ids[-1] in (self.think, self.end_think):
+        parser = RawText(tok) if raw else K2OutputParser(tok, reasoning=self.thinking)
+        if not raw and self.thinking and ids[-1] in (self.think, self.end_think):
             parser.feed([ids[-1]])          # the prompt opened (or skipped) the reasoning block
         skip_reasoning = (self.thinking and constrainer is not None and constrainer.mode != "none"
                           and ids[-1] not in (self.think, self.end_think))
@@ -408,6 +434,24 @@ class LocalEngine(QueuedEngine):
                     st["decode_tok_s"] = (n - 1) / max(t_end - t_first, 1e-9)
         stream.put(usage)
         stream.put(Finish(reason))
+
+
+class RawText:
+    """The K2 parser's interface for raw completions: all output is content, special tokens as text."""
+
+    tool_calls: tuple = ()
+
+    def __init__(self, tokenizer):
+        from kimi_desktop.runtime.tokenizer import IncrementalDecoder
+        self._decoder = IncrementalDecoder(tokenizer)
+
+    def feed(self, ids) -> list:
+        text = self._decoder.feed(ids)
+        return [ContentDelta(text)] if text else []
+
+    def finish(self) -> list:
+        text = self._decoder.flush()
+        return [ContentDelta(text)] if text else []
 
 
 class Emitter:
