@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 log = logging.getLogger("kimi_desktop")
 
-COMPILE_NOTICE = ("compiling the numba kernels for this machine: a one-time wait of about a minute "
-                  "(later starts load them from numba's cache in about a second)")
+COMPILE_NOTICE = ("compiling the numba kernels for this machine: a one-time wait of a minute or two "
+                  "(later starts load them from numba's cache in seconds)")
 
 
 @contextmanager
