@@ -10,6 +10,7 @@ peak RSS, and (native) time per stage and expert-cache statistics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -89,8 +90,7 @@ def run_native(args) -> dict:
     out = dict(load_s=load_s, prefill_s=t1 - t0, decode_s=t2 - t1, prefill_read=r1 - r0, decode_read=r2 - r1,
                stages_prefill=prefill_stages, stages_decode=timer.snapshot(), tokens=toks)
     if choice is not None:
-        out["expert_cache_choice"] = dict(budget_bytes=choice.budget_bytes, direct_io=choice.direct_io,
-                                          n_slots=choice.n_slots, reason=choice.reason, line=choice.line())
+        out["expert_cache_choice"] = dict(dataclasses.asdict(choice), line=choice.line())
     from kimi_desktop.runtime.model import MoE
     out["prefetch_gates"] = [
         {"layer": m.next_moe.layer, "scored": len(g.scores), "precision": g.precision, "active": g.active}

@@ -192,12 +192,7 @@ class LocalEngine(QueuedEngine):
         ids = self._encode_prompt(text)
         if not ids:
             raise ChatRequestError("messages: the conversation renders to no tokens", "messages")
-        if len(ids) >= self.ctx:
-            raise ChatRequestError(f"messages: the prompt is {len(ids)} tokens but the context holds "
-                                   f"{self.ctx} (nothing left to generate)", "messages")
-        budget = self.ctx - len(ids)
-        if sampling.max_tokens is not None:
-            budget = min(budget, sampling.max_tokens)
+        budget = self._budget(ids, sampling, "messages")
         constrainer = self._constrainer(choice, name, fmt, schema, norm_tools, messages, budget,
                                         sampling, ids[-1])
         return self._start(ChatStream(on_cancel=self.lock.wake),
@@ -222,12 +217,18 @@ class LocalEngine(QueuedEngine):
                                        f"(0..{self.tokenizer.vocab_size - 1})", "prompt")
         if not ids:
             raise ChatRequestError("prompt: the prompt is empty", "prompt")
-        if len(ids) >= self.ctx:
-            raise ChatRequestError(f"prompt: the prompt is {len(ids)} tokens but the context holds "
-                                   f"{self.ctx} (nothing left to generate)", "prompt")
-        budget = self.ctx - len(ids) if sampling.max_tokens is None else min(self.ctx - len(ids), sampling.max_tokens)
+        budget = self._budget(ids, sampling, "prompt")
         return self._start(ChatStream(on_cancel=self.lock.wake),
                            lambda stream: self._generate(stream, ids, budget, sampling, None, raw=True), len(ids))
+
+    def _budget(self, ids: list[int], sampling: Sampling, field: str) -> int:
+        """Tokens this request may generate: what the context leaves, at most max_tokens; a prompt
+        that fills the context is refused, never truncated."""
+        if len(ids) >= self.ctx:
+            raise ChatRequestError(f"{field}: the prompt is {len(ids)} tokens but the context holds "
+                                   f"{self.ctx} (nothing left to generate)", field)
+        budget = self.ctx - len(ids)
+        return budget if sampling.max_tokens is None else min(budget, sampling.max_tokens)
 
     def _encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
