@@ -7,34 +7,26 @@ use) and is accepted back in history under either name; tool calls keep K2's own
 arguments, then argument fragments). A stream the engine cancelled (client gone, server stopping)
 just ends: "cancelled" is never a client-visible finish_reason.
 
-`timings` follows llama-server's field names: prompt_* covers the prefill (start of the turn to the
-first token), predicted_* the tokens after the first.
+Every response carries llama-server's `timings` (streaming.Turn.timings).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
-from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kimi_desktop.chat import (ContentDelta, Finish, ReasoningDelta, Sampling, TokenLogprobs, ToolCallDelta,
-                               Usage)
+from kimi_desktop.chat import ContentDelta, Finish, ReasoningDelta, Sampling, TokenLogprobs, ToolCallDelta
 
-from .admission import events, watch_disconnect
 from .errors import APIError, error_body
 from .openai_schema import ChatCompletionRequest, CompletionRequest, OtherPart
+from .streaming import DONE, SSE_HEADERS, Turn, gather, sse, start, streamed
 
 router = APIRouter()
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop",
                    "seed", "presence_penalty", "frequency_penalty", "repetition_penalty"}
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # -- requests -> the chat API -----------------------------------------------------------------------
@@ -94,97 +86,26 @@ def completion_request(body: CompletionRequest) -> tuple[str | list[int], Sampli
     return prompt, _sampling(body, **extra)
 
 
-async def _start(request: Request, start):
-    """Admit and start a generation (rendering and tokenizing run off the event loop)."""
-    st = request.app.state.kimi
-    return await to_thread.run_sync(st.admission.admit, start)
+def _error_event(e: Exception) -> bytes:
+    return sse(error_body(500, f"generation failed: {e}", None, "internal_error"))
 
 
-# -- shared response pieces ---------------------------------------------------------------------------
-
-class Turn:
-    """What one generation produced, gathered from its events, plus the response's identity."""
-
-    def __init__(self, request: Request, stream, prefix: str, model: str | None):
-        st = request.app.state.kimi
-        self.stream = stream
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model = model or st.model_name
-        self.fingerprint = st.fingerprint
-        self.usage: Usage | None = None
-        self.finish: str | None = None
-        self.ended_at: float | None = None
-
-    def see(self, ev) -> None:
-        if isinstance(ev, Usage):
-            self.usage = ev
-        elif isinstance(ev, Finish):
-            self.finish = ev.reason
-            self.ended_at = time.monotonic()
-
-    def usage_dict(self) -> dict:
-        u = self.usage or Usage(0, 0, 0)
-        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                "total_tokens": u.prompt_tokens + u.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
-
-    def timings(self) -> dict:
-        s, u = self.stream, self.usage or Usage(0, 0, 0)
-        start = s.started_at or s.queued_at
-        end = self.ended_at or time.monotonic()
-        first = s.first_token_at or end
-        prompt_n, prompt_s = u.prompt_tokens - u.cached_prompt_tokens, max(first - start, 0.0)
-        gen_n, gen_s = max(u.completion_tokens - 1, 0), max(end - first, 0.0)
-        return {"cache_n": u.cached_prompt_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_s * 1e3,
-                "prompt_per_token_ms": prompt_s * 1e3 / prompt_n if prompt_n else None,
-                "prompt_per_second": prompt_n / prompt_s if prompt_n and prompt_s > 0 else None,
-                "predicted_n": u.completion_tokens, "predicted_ms": gen_s * 1e3,
-                "predicted_per_token_ms": gen_s * 1e3 / gen_n if gen_n else None,
-                "predicted_per_second": gen_n / gen_s if gen_n and gen_s > 0 else None}
+def _sse_response(turn: Turn, chunks) -> StreamingResponse:
+    body = streamed(turn, lambda ev: [sse(o) for o in chunks(ev)], _error_event, DONE)
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _gather(request: Request, turn: Turn, on_event) -> None:
-    """Consume a stream for a non-streamed answer; a client that disconnects cancels it."""
-    watcher = asyncio.create_task(watch_disconnect(request.receive, turn.stream))
-    try:
-        async for ev in events(turn.stream):
-            turn.see(ev)
-            on_event(ev)
-    finally:
-        watcher.cancel()
-        if turn.finish is None:
-            turn.stream.cancel()
-    if turn.finish == "cancelled":
-        raise APIError(503, "the request was cancelled (the server is stopping)", None, "cancelled")
-
-
-async def _streamed(turn: Turn, chunks) -> AsyncIterator[bytes]:
-    """SSE body: `chunks(ev)` -> objects to send; a worker error becomes an error event. Leaving early
-    (the client disconnected: Starlette cancels this) cancels the generation."""
-    try:
-        async for ev in events(turn.stream):
-            turn.see(ev)
-            for obj in chunks(ev):
-                yield _sse(obj)
-            if turn.finish == "cancelled":
-                return
-        yield b"data: [DONE]\n\n"
-    except Exception as e:                      # noqa: BLE001 - the stream is open: report in-band
-        yield _sse(error_body(500, f"generation failed: {e}", None, "internal_error"))
-    finally:
-        if turn.finish is None:
-            turn.stream.cancel()
+def usage_dict(turn: Turn) -> dict:
+    u = turn.tokens
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
 
 
 def _closing(turn: Turn, head: dict, last: dict, include_usage: bool) -> list[dict]:
     """The finish chunk (with llama-server's timings) and, when asked, the usage chunk (choices: [])."""
     last["timings"] = turn.timings()
-    return [last] + ([{**head, "choices": [], "usage": turn.usage_dict()}] if include_usage else [])
+    return [last] + ([{**head, "choices": [], "usage": usage_dict(turn)}] if include_usage else [])
 
 
 def _logprob_entry(lp: TokenLogprobs) -> dict:
@@ -199,13 +120,12 @@ def _logprob_entry(lp: TokenLogprobs) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages, tools, tool_choice, sampling = chat_request(body)
     engine = request.app.state.kimi.engine
-    stream = await _start(request, lambda: engine.chat(messages, tools=tools, tool_choice=tool_choice,
+    stream = await start(request, lambda: engine.chat(messages, tools=tools, tool_choice=tool_choice,
                                                        sampling=sampling))
     turn = Turn(request, stream, "chatcmpl", body.model)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_streamed(turn, _chat_chunker(turn, usage)), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return _sse_response(turn, _chat_chunker(turn, usage))
     acc = {"reasoning": [], "content": [], "calls": [], "logprobs": []}
 
     def on_event(ev) -> None:
@@ -225,7 +145,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         elif isinstance(ev, TokenLogprobs):
             acc["logprobs"].append(_logprob_entry(ev))
 
-    await _gather(request, turn, on_event)
+    await gather(request, turn, on_event)
     content = "".join(acc["content"])
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not acc["calls"] else None}
     reasoning = "".join(acc["reasoning"])
@@ -237,7 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
               "logprobs": {"content": acc["logprobs"]} if sampling.logprobs else None,
               "finish_reason": turn.finish}
     return JSONResponse({"id": turn.id, "object": "chat.completion", "created": turn.created, "model": turn.model,
-                         "system_fingerprint": turn.fingerprint, "choices": [choice], "usage": turn.usage_dict(),
+                         "system_fingerprint": turn.fingerprint, "choices": [choice], "usage": usage_dict(turn),
                          "timings": turn.timings()})
 
 
@@ -286,21 +206,20 @@ async def completions(body: CompletionRequest, request: Request):
     if not callable(getattr(engine, "complete", None)):
         raise APIError(400, "/v1/completions needs a local engine (native or llama.cpp); this server runs "
                             f"the {getattr(engine, 'kind', 'remote')} engine", None)
-    stream = await _start(request, lambda: engine.complete(prompt, sampling))
+    stream = await start(request, lambda: engine.complete(prompt, sampling))
     turn = Turn(request, stream, "cmpl", body.model)
     echo = prompt if body.echo else ""
     want_lp = body.logprobs is not None
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_streamed(turn, _completion_chunker(turn, usage, echo, want_lp)),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return _sse_response(turn, _completion_chunker(turn, usage, echo, want_lp))
     text, lps = [echo], []
-    await _gather(request, turn, lambda ev: text.append(ev.text) if isinstance(ev, ContentDelta)
+    await gather(request, turn, lambda ev: text.append(ev.text) if isinstance(ev, ContentDelta)
                   else lps.append(ev) if isinstance(ev, TokenLogprobs) else None)
     choice = {"text": "".join(text), "index": 0, "logprobs": _legacy_logprobs(lps, len(echo)) if want_lp else None,
               "finish_reason": turn.finish}
     return JSONResponse({"id": turn.id, "object": "text_completion", "created": turn.created, "model": turn.model,
-                         "system_fingerprint": turn.fingerprint, "choices": [choice], "usage": turn.usage_dict(),
+                         "system_fingerprint": turn.fingerprint, "choices": [choice], "usage": usage_dict(turn),
                          "timings": turn.timings()})
 
 
