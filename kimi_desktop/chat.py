@@ -52,7 +52,13 @@ class ChatRequestError(ValueError):
 @dataclass
 class Sampling:
     """Generation settings; field names are the OpenAI request's, plus top_k, min_p,
-    repetition_penalty (and max_reasoning_tokens for constrained modes). None = the default."""
+    repetition_penalty and max_reasoning_tokens. None = the default.
+
+    max_reasoning_tokens: after that many tokens inside the think block the engine forces </think>
+    and the model answers (0: the block is closed at once, `<think></think>`); a no-op for a model
+    without think tokens. None: no cap but max_tokens (constrained modes keep half the budget).
+    parallel_tool_calls: False allows at most one tool call per turn (OpenAI's parallel_tool_calls,
+    Anthropic's disable_parallel_tool_use)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int | None = None           # None: until the context is full
@@ -66,14 +72,20 @@ class Sampling:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    max_reasoning_tokens: int | None = None     # cap on <think> in constrained modes; None: half the budget
+    max_reasoning_tokens: int | None = None     # cap on tokens inside <think>; None: see above
+    parallel_tool_calls: bool = True
+
+    # fields a checkpoint's generation_config.json may set (engine.generation_defaults())
+    DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
     @classmethod
-    def from_openai(cls, body: Mapping[str, Any]) -> "Sampling":
+    def from_openai(cls, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "Sampling":
         """The sampling fields of an OpenAI chat request body (others are ignored);
-        max_completion_tokens is read as max_tokens; None values mean the default."""
+        max_completion_tokens is read as max_tokens; None values mean the default: the model's
+        (`defaults`, from engine.generation_defaults(): only DEFAULTABLE fields), else Sampling's."""
         names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in body.items() if k in names and v is not None}
+        kw = {k: v for k, v in (defaults or {}).items() if k in cls.DEFAULTABLE and v is not None}
+        kw.update((k, v) for k, v in body.items() if k in names and v is not None)
         if body.get("max_completion_tokens") is not None and "max_tokens" not in kw:
             kw["max_tokens"] = body["max_completion_tokens"]
         return cls(**kw)
@@ -116,6 +128,9 @@ class Sampling:
         integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ChatRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if not isinstance(self.parallel_tool_calls, bool):
+            raise ChatRequestError(f"parallel_tool_calls must be true or false, got {self.parallel_tool_calls!r}",
+                                   "parallel_tool_calls")
         if not isinstance(self.logprobs, bool):
             raise ChatRequestError(f"logprobs must be true or false, got {self.logprobs!r}", "logprobs")
         if self.top_logprobs and not self.logprobs:
@@ -267,22 +282,25 @@ class StopMatcher:
 
     feed(text) -> (safe_text, matched): safe_text can be shown now; text that could still be the start
     of a stop string is held back. On a match, safe_text ends just before the stop string and matched
-    is True (the stop string and what follows are dropped). flush() returns what is held back.
+    is True (the stop string and what follows are dropped), and `matched` says which string it was
+    (Anthropic's stop_sequence). flush() returns what is held back.
     """
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.matched: str | None = None
         self.longest = max((len(s) for s in self.stops), default=0)
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda h: h[0])
             self.held = ""
-            return buf[:min(hits)], True
+            return buf[:at], True
         keep = 0
         for k in range(min(self.longest - 1, len(buf)), 0, -1):
             tail = buf[-k:]
@@ -383,6 +401,7 @@ class ChatStream:
         self._done = False
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.prompt_tokens: int | None = None       # set when queued, by engines that know it
         self.queued_at = time.monotonic()
         self.started_at: float | None = None
         self.first_token_at: float | None = None
@@ -505,7 +524,7 @@ class Engine(Protocol):
     def stats(self) -> dict:
         """Snapshot for the UI: decode_tok_s, prefill_tok_s, ttft_s, context_used, context_size,
         resident_bytes, last_prefill_tokens, last_cached_tokens, waiting, busy, and expert-cache fields
-        (expert_cache_hits, expert_cache_misses, expert_cache_bytes, disk_read_mb_s)."""
+        (expert_cache_hits, expert_cache_misses, expert_cache_bytes, disk_read_mb_s, disk_read_bytes)."""
         ...
 
     def waiting(self) -> int:

@@ -40,6 +40,7 @@ class Usage:
 @dataclass(frozen=True, slots=True)
 class Finish:
     reason: str                 # stop | length | tool_calls | cancelled
+    stop_sequence: str | None = None    # with "stop": the stop string that ended the text, if one did
 
 
 Event = ReasoningDelta | ContentDelta | ToolCallDelta | TokenLogprobs | Usage | Finish

@@ -92,7 +92,8 @@ def apply_repetition_penalty(logits: np.ndarray, history: Iterable[int], penalty
     ids = np.unique(np.fromiter(history, dtype=np.int64))
     if ids.size:
         v = out[ids]
-        out[ids] = np.where(v > 0, v / penalty, v * penalty)
+        with np.errstate(over="ignore"):        # a tiny penalty: +inf, the greedy limit (log_softmax)
+            out[ids] = np.where(v > 0, v / penalty, v * penalty)
     return out
 
 
@@ -111,11 +112,25 @@ def apply_presence_frequency(logits: np.ndarray, counts: dict[int, int] | Counte
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     m = np.max(x)
+    if m == np.inf:                 # a tiny temperature or penalty overflowed: the limit, equal shares of the top
+        top = x == np.inf
+        return np.where(top, -np.log(np.count_nonzero(top)), NEG_INF)
     if not np.isfinite(m):
         raise NoAllowedToken("every token is masked")
     z = x - m
     with np.errstate(divide="ignore", invalid="ignore"):
         return z - np.log(np.sum(np.exp(z)))
+
+
+def tempered_log_softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+    """log_softmax(x / temperature) without overflow at tiny temperatures: the max is taken off first,
+    so the top stays finite (the limit is greedy: the rest goes to -inf, not the top to +inf)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x)
+    if not np.isfinite(m):          # +inf entries (an overflowed penalty) take it all; -inf / nan: none left
+        return log_softmax(x)
+    with np.errstate(over="ignore"):
+        return log_softmax((x - m) / temperature)
 
 
 def truncate(logp: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
@@ -163,7 +178,7 @@ def distribution(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, t
         p = np.zeros_like(x)
         p[greedy(x)] = 1.0
         return p
-    logp = log_softmax(x / temperature)
+    logp = tempered_log_softmax(x, temperature)
     keep = truncate(logp, top_k, top_p, min_p)
     p = np.where(keep, np.exp(logp), 0.0)
     return p / p.sum()
@@ -171,7 +186,7 @@ def distribution(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, t
 
 def greedy(x: np.ndarray) -> int:
     i = int(np.argmax(x))
-    if not np.isfinite(x[i]):
+    if not x[i] > NEG_INF:         # -inf (all masked) or nan; +inf (an overflowed penalty) is a fine greedy pick
         raise NoAllowedToken("every token is masked")
     return i
 
@@ -243,7 +258,7 @@ class Sampler:
         if c.temperature == 0:
             yield from _descending(x)
             return
-        logp = log_softmax(x / c.temperature)
+        logp = tempered_log_softmax(x, c.temperature)
         keep = truncate(logp, c.top_k, c.top_p, c.min_p)
         kept = np.flatnonzero(keep)
         if kept.size == 1:
@@ -303,7 +318,7 @@ class Sampler:
 
 
 def _descending(x: np.ndarray, first: int = 64) -> Iterator[int]:
-    """Indices of finite entries of x, largest first (ties: lowest index first); lazily: a partial
+    """Indices of the entries of x above -inf, largest first (ties: lowest index first); lazily: a partial
     sort of the best `first`, the full sort only if the caller keeps going."""
     n = x.size
     if n == 0:
@@ -315,7 +330,7 @@ def _descending(x: np.ndarray, first: int = 64) -> Iterator[int]:
         if part[0] != best:
             part = np.concatenate(([best], part[part != best]))
         for i in part:
-            if not np.isfinite(x[i]):
+            if not x[i] > NEG_INF:          # -inf (masked) or nan ends it; +inf leads
                 return
             yield int(i)
         # everything not yet yielded, in order
@@ -325,12 +340,12 @@ def _descending(x: np.ndarray, first: int = 64) -> Iterator[int]:
         for i in order:
             if seen[i]:
                 continue
-            if not np.isfinite(x[i]):
+            if not x[i] > NEG_INF:
                 return
             yield int(i)
         return
     for i in np.argsort(-x, kind="stable"):
-        if not np.isfinite(x[i]):
+        if not x[i] > NEG_INF:
             return
         yield int(i)
 

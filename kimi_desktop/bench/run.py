@@ -296,6 +296,9 @@ def stage_table(results: dict) -> str:
 
 
 def main(args) -> int:
+    if args.api:
+        from .api import run
+        return run(args)
     if args.demo:
         from kimi_desktop.demo import demo_model_path
         args.model = str(demo_model_path())
@@ -372,5 +375,8 @@ def register(subparsers) -> None:
                    help="also record the model's routing and report hit rate per cache policy")
     p.add_argument("--trace-prompt", type=int_at_least(1), default=256, metavar="N", help="--traces: prompt tokens")
     p.add_argument("--trace-decode", type=int_at_least(0), default=256, metavar="N", help="--traces: decoded tokens")
+    p.add_argument("--api", action="store_true",
+                   help="instead: what the local HTTP server adds per streamed token (against direct engine "
+                        "calls) and the time from launching `serve` to a healthy /health")
     p.add_argument("--out", default=None, help="write all results as JSON")
     p.set_defaults(func=main)

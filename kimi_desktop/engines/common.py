@@ -34,12 +34,13 @@ from kimi_desktop.chat import (ChatRequestError, ChatStream, ContentDelta, FifoL
 from kimi_desktop.constrain import Constrainer, Step, ToolSpec
 from kimi_desktop.runtime.sampling import NoAllowedToken, Sampler, SamplerConfig
 
-__all__ = ["QueuedEngine", "LocalEngine", "common_prefix", "process_rss", "Emitter", "EXPERT_STATS_NONE"]
+__all__ = ["QueuedEngine", "LocalEngine", "common_prefix", "process_rss", "Emitter", "EXPERT_STATS_NONE",
+           "ReasoningCap", "sampling_defaults", "read_generation_config"]
 
 # stats() keys of the routed-expert cache, for engines that have none (the UI shows "n/a")
 EXPERT_STATS_NONE = {
     "expert_cache_hits": None, "expert_cache_misses": None, "expert_cache_hit_rate": None,
-    "expert_cache_bytes": None, "expert_cache_budget": None, "disk_read_mb_s": None,
+    "expert_cache_bytes": None, "expert_cache_budget": None, "disk_read_mb_s": None, "disk_read_bytes": None,
 }
 
 
@@ -59,6 +60,70 @@ def process_rss() -> int:
         return int(psutil.Process(os.getpid()).memory_info().rss)
     except Exception:                               # pragma: no cover - psutil missing / denied
         return 0
+
+
+def sampling_defaults(values: Mapping[str, Any], where: str) -> dict:
+    """The Sampling defaults among a model's recommended settings (generation_config.json's names:
+    temperature, top_p, top_k, min_p, repetition_penalty; do_sample false -> temperature 0, greedy,
+    as transformers does; do_sample absent -> the values are used, as vLLM does). A value of the
+    wrong type or range is dropped with a log line naming `where`."""
+    from kimi_desktop.notices import log
+
+    out: dict[str, Any] = {}
+    for name in Sampling.DEFAULTABLE:
+        v = values.get(name)
+        if v is None:
+            continue
+        try:
+            x = float(v)
+            probe = Sampling(**{name: int(x) if name == "top_k" and x.is_integer() else x})
+            probe.validate()
+        except (ChatRequestError, TypeError, ValueError, OverflowError):
+            log.warning(f"{where}: ignoring {name} = {v!r} (not a valid {name})")
+            continue
+        out[name] = getattr(probe, name)
+    if values.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict:
+    """sampling_defaults() of a checkpoint folder's generation_config.json ({} when it has none)."""
+    import json
+    from pathlib import Path
+
+    from kimi_desktop.notices import log
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning(f"{path}: ignoring it (not readable JSON: {e})")
+        return {}
+    return sampling_defaults(values, str(path)) if isinstance(values, Mapping) else {}
+
+
+class ReasoningCap:
+    """Sampling.max_reasoning_tokens where no constraint program runs (plain and tool_choice "none"):
+    after `limit` tokens inside the think block the next token is forced to </think>; with limit 0 and
+    the block not open yet, `<think></think>` is forced (how K2 templates switch thinking off).
+    "Inside" is the K2 parser's view: reasoning is what comes before </think>, <think> or not."""
+
+    def __init__(self, limit: int, think: int, end_think: int):
+        self.limit, self.think, self.end_think = limit, think, end_think
+        self.count = 0                  # reasoning tokens generated so far
+
+    def force(self, phase: str) -> int | None:
+        """The token to force now, given the parser's phase before it."""
+        if phase not in ("start", "reasoning") or self.count < self.limit:
+            return None
+        return self.think if phase == "start" and self.count == 0 else self.end_think
+
+    def seen(self, token: int, phase_before: str) -> None:
+        if phase_before in ("start", "reasoning") and token not in (self.think, self.end_think):
+            self.count += 1
 
 
 class QueuedEngine:
@@ -81,6 +146,7 @@ class QueuedEngine:
 
     def _start(self, stream: ChatStream, run, prompt_tokens: int) -> ChatStream:
         """Queue `run(stream)`; prompt_tokens is what Usage reports if the request is cancelled while waiting."""
+        stream.prompt_tokens = prompt_tokens
         ticket = self.lock.enqueue()
         th = threading.Thread(target=self._serve, name=self.thread_name, daemon=True,
                               args=(stream, ticket, run, prompt_tokens))
@@ -182,9 +248,24 @@ class LocalEngine(QueuedEngine):
         self._check_open()
         sampling, norm_tools, (choice, name), (fmt, schema) = validate_request(
             messages, tools, tool_choice, sampling)
-        prompt_tools = None if (choice == "none" or not tools) else list(tools)
+        ids = self._chat_prompt(messages, None if (choice == "none" or not tools) else list(tools))
+        budget = self._budget(ids, sampling, "messages")
+        constrainer = self._constrainer(choice, name, fmt, schema, norm_tools, messages, budget,
+                                        sampling, ids[-1])
+        return self._start(ChatStream(on_cancel=self.lock.wake),
+                           lambda stream: self._generate(stream, ids, budget, sampling, constrainer), len(ids))
+
+    def prompt_tokens(self, messages: Sequence[Mapping[str, Any]],
+                      tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """What chat(messages, tools) would cost in prompt tokens (the server's count_tokens);
+        ChatRequestError for a conversation chat() would refuse. Runs now, not queued."""
+        validate_request(messages, tools, "auto", None)
+        return len(self._chat_prompt(messages, list(tools) if tools else None))
+
+    def _chat_prompt(self, messages, tools: list | None) -> list[int]:
+        """The conversation rendered by the chat template (with the generation prompt) and encoded."""
         try:
-            text = self.tokenizer.render_chat(list(messages), tools=prompt_tools, add_generation_prompt=True)
+            text = self.tokenizer.render_chat(list(messages), tools=tools, add_generation_prompt=True)
         except ChatRequestError:
             raise
         except Exception as e:          # a conversation the template cannot render is a bad request
@@ -192,11 +273,7 @@ class LocalEngine(QueuedEngine):
         ids = self._encode_prompt(text)
         if not ids:
             raise ChatRequestError("messages: the conversation renders to no tokens", "messages")
-        budget = self._budget(ids, sampling, "messages")
-        constrainer = self._constrainer(choice, name, fmt, schema, norm_tools, messages, budget,
-                                        sampling, ids[-1])
-        return self._start(ChatStream(on_cancel=self.lock.wake),
-                           lambda stream: self._generate(stream, ids, budget, sampling, constrainer), len(ids))
+        return ids
 
     def complete(self, prompt: str | Sequence[int], sampling: Sampling | None = None) -> ChatStream:
         """A raw completion, no chat template (the server's /v1/completions): the prompt text (special-token
@@ -220,6 +297,11 @@ class LocalEngine(QueuedEngine):
         budget = self._budget(ids, sampling, "prompt")
         return self._start(ChatStream(on_cancel=self.lock.wake),
                            lambda stream: self._generate(stream, ids, budget, sampling, None, raw=True), len(ids))
+
+    def generation_defaults(self) -> dict:
+        """The model's recommended sampling settings, read at load (Sampling field names; {} if none):
+        the server fills a request's unset fields from them."""
+        return dict(getattr(self, "_generation_defaults", None) or {})
 
     def _budget(self, ids: list[int], sampling: Sampling, field: str) -> int:
         """Tokens this request may generate: what the context leaves, at most max_tokens; a prompt
@@ -273,11 +355,12 @@ class LocalEngine(QueuedEngine):
         try:
             if choice in ("required", "named"):
                 chosen = [s for s in specs if s.name == name] if choice == "named" else specs
-                return Constrainer(tok, "tools", tools=chosen, multiple=choice == "required", **common)
+                return Constrainer(tok, "tools", tools=chosen,
+                                   multiple=choice == "required" and sampling.parallel_tool_calls, **common)
             if fmt in ("json_object", "json_schema"):
                 top = "object" if fmt == "json_object" and not (schema and schema.get("type")) else None
                 offered = specs if choice == "auto" else []
-                return Constrainer(tok, "json", tools=offered, multiple=True, schema=schema,
+                return Constrainer(tok, "json", tools=offered, multiple=sampling.parallel_tool_calls, schema=schema,
                                    top_type=top, **common)
             if choice == "none":
                 return Constrainer(tok, "none", **common)
@@ -354,6 +437,11 @@ class LocalEngine(QueuedEngine):
             parser.feed([ids[-1]])          # the prompt opened (or skipped) the reasoning block
         skip_reasoning = (self.thinking and constrainer is not None and constrainer.mode != "none"
                           and ids[-1] not in (self.think, self.end_think))
+        cap = None                          # the reasoning cap where no constraint program enforces it
+        if (not raw and self.thinking and sampling.max_reasoning_tokens is not None
+                and (constrainer is None or constrainer.mode == "none")):
+            cap = ReasoningCap(sampling.max_reasoning_tokens, self.think, self.end_think)
+        one_call = not raw and not sampling.parallel_tool_calls
         stops = StopMatcher(sampling.stop_list())
         emitter = Emitter(stream, stops)
         check_cache: dict[int, bytes] = {}
@@ -379,7 +467,11 @@ class LocalEngine(QueuedEngine):
                 reason = "stop"
                 break
             # choose the token
-            if step is None:
+            phase = parser.phase if cap is not None else None
+            capped = cap.force(phase) if cap is not None else None
+            if capped is not None:
+                draw = sampler.forced(logits, capped, n_top)
+            elif step is None:
                 draw = sampler.sample(logits, allowed=self._base_mask, logprobs=n_top)
             elif step.force is not None:
                 draw = sampler.forced(logits, step.force, n_top)
@@ -397,6 +489,8 @@ class LocalEngine(QueuedEngine):
                     draw = sampler.forced(logits, step.fallback, n_top)
             t = draw.token
             n += 1
+            if cap is not None:
+                cap.seen(t, phase)
             if t_first is None:
                 t_first = time.monotonic()
                 stream.first_token_at = t_first
@@ -413,6 +507,9 @@ class LocalEngine(QueuedEngine):
                                           tuple((self._tok_str(i), lp) for i, lp in draw.top)))
             if stopped:
                 reason = "stop"
+                break
+            if one_call and parser.tool_calls and parser.phase not in ("tool_call_id", "tool_arguments"):
+                reason = "stop"             # parallel_tool_calls false: the first call is complete
                 break
             if n >= budget or stream.cancelled or self._closed:
                 continue                    # decided at the top of the loop, without a forward pass
@@ -434,7 +531,7 @@ class LocalEngine(QueuedEngine):
                 if n > 1:
                     st["decode_tok_s"] = (n - 1) / max(t_end - t_first, 1e-9)
         stream.put(usage)
-        stream.put(Finish(reason))
+        stream.put(Finish(reason, stops.matched if emitter.stopped else None))
 
 
 class RawText:

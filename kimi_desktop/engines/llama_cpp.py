@@ -35,12 +35,16 @@ import numpy as np
 
 from kimi_desktop.runtime.tokenizer import SpecialTokenDecoding
 
-from .common import EXPERT_STATS_NONE, LocalEngine
+from .common import EXPERT_STATS_NONE, LocalEngine, sampling_defaults
 
 __all__ = ["LlamaCppEngine", "LlamaVocab", "LlamaSession", "vocab_map", "load_llama", "llama_logits",
-           "llama_greedy", "gguf_yarn_betas", "gguf_header"]
+           "llama_greedy", "gguf_yarn_betas", "gguf_header", "gguf_generation_defaults"]
 
 DEFAULT_MAX_CTX = 8192          # default context: the GGUF's context_length, at most this many tokens
+# llama.cpp's recommended-sampling keys (gguf Keys.General.SAMPLING_*) -> Sampling fields
+GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                      "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                      "general.sampling.penalty_repeat": "repetition_penalty"}
 
 
 def gguf_header(gguf_path: str | os.PathLike) -> dict[str, Any]:
@@ -63,6 +67,13 @@ def gguf_header(gguf_path: str | os.PathLike) -> dict[str, Any]:
         v = value(f"{arch}.rope.scaling.{key}")
         out[key] = float(v) if v is not None else None
     return out
+
+
+def gguf_generation_defaults(metadata: Mapping[str, Any], where: str) -> dict:
+    """Sampling defaults from a GGUF's general.sampling.* keys ({} when it has none; llama-cpp-python
+    gives metadata values as strings)."""
+    values = {field: metadata[key] for key, field in GGUF_SAMPLING_KEYS.items() if key in metadata}
+    return sampling_defaults(values, where) if values else {}
 
 
 def gguf_yarn_betas(gguf_path: str | os.PathLike) -> tuple[float | None, float | None]:
@@ -396,6 +407,7 @@ class LlamaCppEngine(LocalEngine):
                 allowed = None          # same ids: exactly the native engine's rule
             self._init_local(tok, session, min(int(ctx), int(self.llm.n_ctx())), session.vocab,
                              end_ids=() if end is None else (end,), allowed=allowed)
+            self._generation_defaults = gguf_generation_defaults(self.llm.metadata, str(self.path))
         except BaseException:
             self.llm.close()
             raise

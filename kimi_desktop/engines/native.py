@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kimi_desktop.notices import log, warm_up
 
-from .common import Emitter, LocalEngine, common_prefix
+from .common import Emitter, LocalEngine, common_prefix, read_generation_config
 
 _Emitter = Emitter                  # the name this module used before the shared loop moved to .common
 
@@ -54,6 +54,7 @@ class NativeEngine(LocalEngine):
         max_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self._init_local(tok, self.model.session(), ctx or max_ctx or 4096, int(cfg.vocab_size),
                          end_ids=self.model.end_ids)
+        self._generation_defaults = read_generation_config(self.path)     # the checkpoint's recommendation
 
     def _engine_stats(self) -> dict:
         s = {"kv_cache_bytes": int(getattr(getattr(self.session, "cache", None), "nbytes", 0) or 0)}
@@ -72,6 +73,7 @@ def expert_cache_stats(experts) -> dict:
     return {
         "expert_cache_hits": st.get("hits", 0), "expert_cache_misses": st.get("misses", 0),
         "expert_cache_hit_rate": st.get("hit_rate"), "expert_cache_bytes": st.get("resident_bytes", 0),
-        "expert_cache_budget": st.get("budget_bytes"), "disk_read_mb_s": (st["read_gbps"] * 1000
-                                                                          if st.get("read_gbps") else None),
+        "expert_cache_budget": st.get("budget_bytes"),
+        "disk_read_bytes": st.get("bytes_read_demand", 0) + st.get("bytes_read_prefetch", 0),
+        "disk_read_mb_s": st["read_gbps"] * 1000 if st.get("read_gbps") else None,
     }

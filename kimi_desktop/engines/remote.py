@@ -11,8 +11,10 @@ set; tools and tool_choice when tools are given (tool_choice and response_format
 server, not here). top_k, min_p and repetition_penalty are not OpenAI fields: when a request sets them
 (non-default) they go in `extra_body` (vLLM, SGLang and llama-server read them there). Endpoints that
 reject unknown fields (api.openai.com, and any engine built with extra_sampling=False) get a
-ChatRequestError naming the field instead. Sampling.max_reasoning_tokens is a local-engine setting and
-is not sent. `extra_body=` on the engine adds fields to every request (e.g. chat_template_kwargs).
+ChatRequestError naming the field instead. Sampling.max_reasoning_tokens goes the same way, as vLLM's
+`thinking_token_budget` (vLLM and this project's server enforce it). parallel_tool_calls false is
+sent as such (an OpenAI field). `extra_body=` on the engine adds fields to every request (e.g.
+chat_template_kwargs). generation_defaults() is {}: the endpoint applies its own.
 
 Stream: each chunk's choices[0].delta is mapped to events: reasoning_content (Moonshot, DeepSeek, older
 vLLM) or reasoning (newer vLLM, OpenRouter) -> ReasoningDelta; content -> ContentDelta;
@@ -355,6 +357,8 @@ class RemoteEngine(QueuedEngine):
         if tools:
             kw["tools"] = [dict(t) for t in tools]
             kw["tool_choice"] = tool_choice if tool_choice is not None else "auto"
+            if not s.parallel_tool_calls:
+                kw["parallel_tool_calls"] = False
         if self.include_usage:
             kw["stream_options"] = {"include_usage": True}
         extra = dict(self.extra_body)
@@ -364,9 +368,19 @@ class RemoteEngine(QueuedEngine):
                 if not self.extra_sampling:
                     raise ChatRequestError(f"{name} is not supported by the endpoint {self.base_url}", name)
                 extra[name] = v
+        if s.max_reasoning_tokens is not None:
+            if not self.extra_sampling:
+                raise ChatRequestError(f"max_reasoning_tokens (a reasoning budget) cannot be enforced by the "
+                                       f"endpoint {self.base_url}: it takes no thinking_token_budget",
+                                       "max_reasoning_tokens")
+            extra["thinking_token_budget"] = int(s.max_reasoning_tokens)
         if extra:
             kw["extra_body"] = extra
         return kw
+
+    def generation_defaults(self) -> dict:
+        """{}: the endpoint fills unset sampling fields with its own defaults."""
+        return {}
 
     def stats(self) -> dict:
         with self._state_lock:

@@ -126,6 +126,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    thinking_token_budget: int | None = Field(None, ge=0, lt=INT64)     # vLLM's name; wins over the effort
 
 
 class CompletionRequest(_Sampling):

@@ -29,6 +29,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
+def generation_defaults(engine) -> dict:
+    """The engine's sampling defaults (its model's generation_config.json), {} when it has none."""
+    get = getattr(engine, "generation_defaults", None)
+    return get() if callable(get) else {}
+
+
 async def start(request: Request, begin):
     """Admit and start a generation (rendering and tokenizing run off the event loop)."""
     st = request.app.state.kimi
@@ -36,12 +42,14 @@ async def start(request: Request, begin):
 
 
 class Turn:
-    """What one generation produced, gathered from its events, plus the response's identity."""
+    """What one generation produced, gathered from its events, plus the response's identity
+    (id: prefix-HEX, or prefixHEX for a prefix ending in "_" as Anthropic's msg_...)."""
 
     def __init__(self, request: Request, stream, prefix: str, model: str | None):
         st = request.app.state.kimi
         self.stream = stream
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self._metrics = st.metrics
+        self.id = f"{prefix}{'' if prefix.endswith('_') else '-'}{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model or st.model_name
         self.fingerprint = st.fingerprint
@@ -52,6 +60,7 @@ class Turn:
     def see(self, ev) -> None:
         if isinstance(ev, Usage):
             self.usage = ev
+            self._metrics.add_usage(ev)
         elif isinstance(ev, Finish):
             self.finish = ev.reason
             self.ended_at = time.monotonic()
@@ -99,11 +108,14 @@ async def gather(request: Request, turn: Turn, on_event: Callable[[Any], None]) 
 
 
 async def streamed(turn: Turn, chunks: Callable[[Any], list[bytes]], on_error: Callable[[Exception], bytes],
-                   done: bytes | None = None) -> AsyncIterator[bytes]:
-    """An SSE body: `chunks(ev)` -> encoded events to send; `done` ends a complete stream; a worker
-    error becomes `on_error(e)` in-band (the status line has gone). A cancelled generation just ends.
-    Leaving early (the client disconnected: Starlette cancels this) cancels the generation."""
+                   done: bytes | None = None, head: bytes = b"") -> AsyncIterator[bytes]:
+    """An SSE body: `head` at once (before the first token), then `chunks(ev)` -> encoded events to
+    send; `done` ends a complete stream; a worker error becomes `on_error(e)` in-band (the status line
+    has gone). A cancelled generation just ends. Leaving early (the client disconnected: Starlette
+    cancels this) cancels the generation."""
     try:
+        if head:
+            yield head
         async for ev in events(turn.stream):
             turn.see(ev)
             for data in chunks(ev):

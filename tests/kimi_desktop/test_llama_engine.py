@@ -130,6 +130,24 @@ def test_max_tokens_finishes_with_length(engine):
     assert all(isinstance(e, (ReasoningDelta, ContentDelta, ToolCallDelta)) for e in evs[:-2])
 
 
+@pytest.mark.parametrize("which", ["engine", "engine_gguf", "native"])
+def test_reasoning_cap_forces_end_think_in_plain_mode(request, which):
+    """max_reasoning_tokens outside constrained modes: the shared decode loop forces </think> after
+    exactly N reasoning tokens (0: <think></think> at once), on both local engines."""
+    e = request.getfixturevalue(which)
+
+    def tokens(cap):
+        r = e.chat(MSGS, sampling=Sampling(temperature=0, max_tokens=8, logprobs=True,
+                                           max_reasoning_tokens=cap)).result()
+        return r, [lp.token for lp in r.logprobs]
+    free, free_tokens = tokens(None)
+    assert "</think>" not in free_tokens and free.reasoning        # the tiny model would think on
+    none, none_tokens = tokens(0)
+    assert none_tokens[:2] == ["<think>", "</think>"] and none.reasoning == "" and none.content
+    two, two_tokens = tokens(2)
+    assert two_tokens[:3] == free_tokens[:2] + ["</think>"] and two.content and len(two_tokens) == 8
+
+
 # ------------------------------------------------------------------------------ same tokens as native
 
 def test_greedy_tokens_equal_the_native_engine(engine, native, monkeypatch):

@@ -289,6 +289,23 @@ def test_extras_refused_where_the_endpoint_takes_none(server):
     assert RemoteEngine("https://api.openai.com/v1", api_key="x", model="m").extra_sampling is False
 
 
+def test_reasoning_budget_and_one_tool_call_are_passed_on_or_refused(server):
+    e = remote(server)
+    n = len(server.requests)
+    e.chat(TOOL_HISTORY, tools=TOOLS, sampling=Sampling(max_reasoning_tokens=0, parallel_tool_calls=False)).result()
+    body = server.requests[n]
+    assert body["thinking_token_budget"] == 0 and body["parallel_tool_calls"] is False      # vLLM's field
+    e.chat(TOOL_HISTORY, tools=TOOLS).result()
+    assert "thinking_token_budget" not in server.requests[n + 1] and "parallel_tool_calls" not in server.requests[n + 1]
+    assert e.generation_defaults() == {}
+    e.close()
+    strict = remote(server, extra_sampling=False)
+    with pytest.raises(ChatRequestError) as ei:
+        strict.chat(MSGS, sampling=Sampling(max_reasoning_tokens=64))
+    assert ei.value.param == "max_reasoning_tokens" and "reasoning budget" in str(ei.value)
+    strict.close()
+
+
 def test_model_from_the_models_list(server):
     e = open_engine("remote", server.url.removesuffix("/v1"), api_key="k", max_retries=0)   # /v1 appended
     assert isinstance(e, RemoteEngine) and e.base_url == server.url

@@ -194,3 +194,18 @@ def test_top_logprobs_order_and_ties():
 def test_bad_settings_name_the_field(kw, word):
     with pytest.raises(ValueError, match=word):
         SamplerConfig(**kw).validate()
+
+
+def test_tiny_temperatures_and_overflowing_penalties_are_their_greedy_limits():
+    # found by the server's fuzz run (a 500 "every token is masked"): x / 5e-324 overflowed to +-inf
+    x = np.full(300, -30.0, dtype=np.float32)
+    x[5], x[9] = 30.0, 29.0
+    for t in (5e-324, 1e-300):
+        p = distribution(x, t)
+        assert p[5] == 1.0 and p.sum() == 1.0
+        assert distribution(x, t, allowed=np.arange(300) != 5)[9] == 1.0
+    for t in (0.0, 5e-324, 1.0):
+        s = Sampler(SamplerConfig(temperature=t, repetition_penalty=5e-324), prompt_ids=[5, 7])
+        assert s.sample(x, logprobs=2).token == 5                  # 30 / 5e-324 = +inf: the top
+        assert s.sample(x, allowed=np.arange(300) != 5).token == 9
+        assert s.sample(x, accept=lambda tok: tok != 5).token == 9

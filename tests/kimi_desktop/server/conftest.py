@@ -1,6 +1,7 @@
 """Servers for the API tests: uvicorn in a thread on a free loopback port, over the native engine on a
 tiny random checkpoint, and over a scripted engine (same tokenizer, a session that returns fixed
-logits per step) for flows a random model cannot be relied on to produce."""
+logits per step) for flows a random model cannot be relied on to produce, and over the native engine
+on a scripted checkpoint (bigram.py: the real model path writes a fixed reasoning block and tool call)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ def scripted(scripted_engine):
     s.stop()
 
 
+@pytest.fixture(scope="session")
+def bigram_ckpt(tiny_int4, tmp_path_factory):
+    """The scripted checkpoint: greedy decoding after the generation prompt writes BIGRAM_TEXT."""
+    from .bigram import BIGRAM_TEXT, make_bigram_model
+    return make_bigram_model(tiny_int4, tmp_path_factory.mktemp("bigram") / "ckpt", BIGRAM_TEXT)
+
+
+@pytest.fixture(scope="session")
+def bigram_engine(bigram_ckpt):
+    e = NativeEngine(bigram_ckpt)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def bigram_server(bigram_engine):
+    s = _serve(bigram_engine, "bigram")
+    yield s
+    s.stop()
+
+
 @pytest.fixture
 def script(scripted_engine):
     """script("text with <|special|> tokens", delay=0.0): what the scripted model writes next."""
@@ -57,3 +79,4 @@ def script(scripted_engine):
         return sess.script
     yield set_script
     sess.delay = 0.0
+    sess.jumps = {}

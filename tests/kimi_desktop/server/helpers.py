@@ -13,11 +13,14 @@ KEY = "test-key-9f8e7d"
 
 class ScriptedSession:
     """The engine's session interface; each request's k-th forward pass (counted from the truncate
-    that starts it) puts all the mass on script[k]. `delay` slows every feed (queue and cancel tests)."""
+    that starts it) puts all the mass on script[k]. `delay` slows every feed (queue and cancel tests).
+    `jumps` {token: ids}: feeding that token alone makes `ids` the script from there (so a token the
+    engine forces, e.g. </think>, is answered the way the script goes on after it)."""
 
     def __init__(self, vocab: int):
         self.vocab, self.tokens, self.script, self.delay = vocab, [], [], 0.0
         self.pos, self.feeds = 0, 0
+        self.jumps: dict[int, list[int]] = {}
 
     def __len__(self):
         return len(self.tokens)
@@ -31,6 +34,8 @@ class ScriptedSession:
         if self.delay:
             time.sleep(self.delay)
         self.tokens.extend(int(i) for i in ids)
+        if len(ids) == 1 and int(ids[0]) in self.jumps:
+            self.script, self.pos = self.jumps[int(ids[0])], 0
         out = np.full(self.vocab, -30.0, dtype=np.float32)
         out[self.script[min(self.pos, len(self.script) - 1)]] = 30.0
         self.pos += 1

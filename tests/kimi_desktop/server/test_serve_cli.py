@@ -111,3 +111,43 @@ def test_bad_port_and_a_port_in_use(tiny_int4, capsys, monkeypatch):
 
 def _must_not_load(*a, **kw):
     raise AssertionError("the model was opened before the port was checked")
+
+
+@pytest.mark.parametrize("flag,value", [("--allowed-host", "http://box.lan"), ("--allowed-host", "box.lan:8000"),
+                                        ("--allowed-host", "a b"), ("--allowed-host", ""),
+                                        ("--allowed-host", "bad-.lan"), ("--cors-origin", "localhost:3000"),
+                                        ("--cors-origin", "http://x.example/app"), ("--cors-origin", "ftp://x.example"),
+                                        ("--cors-origin", "http://x.example:99999"), ("--cors-origin", "http://")])
+def test_bad_host_and_origin_flags(tiny_int4, capsys, flag, value):
+    with pytest.raises(SystemExit) as ei:
+        main(["serve", "--model", str(tiny_int4), flag, value])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and err.count("\n") == 1 and flag in err and repr(value) in err
+
+
+def test_the_flags_reach_the_app(tiny_int4, capsys, monkeypatch):
+    from kimi_desktop.server import LocalServer
+
+    got = {}
+    monkeypatch.setattr(LocalServer, "run", lambda self, on_ready=None: got.update(app=self.app))
+    monkeypatch.setenv("KIMI_DESKTOP_API_KEY", KEY)
+    rc = main(["serve", "--model", str(tiny_int4), "--port", "0", "--strict-model", "--model-name", "tiny",
+               "--allowed-host", "Box.LAN", "--allowed-host", "10.0.0.7", "--cors-origin", "http://localhost:3000/",
+               "--cors-origin", "*"])
+    assert rc == 0
+    app = got["app"]
+    assert app.state.kimi.strict_model and app.state.kimi.model_name == "tiny"
+    layers = {m.cls.__name__ if isinstance(m.cls, type) else m.cls.__name__: m.kwargs for m in app.user_middleware}
+    assert layers["HostGuard"]["accepted"] == {"box.lan", "10.0.0.7"}
+    assert layers["cors"]["origins"] == ("http://localhost:3000", "*")
+    assert layers["Guard"]["api_key"] == KEY
+
+
+def test_help_lists_every_endpoint_and_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for part in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens", "/v1/models", "/health", "/metrics", "--strict-model",
+                 "--allowed-host", "--cors-origin", "`ps`"):
+        assert part in out, part
