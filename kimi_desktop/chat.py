@@ -409,6 +409,8 @@ class ChatStream:
         self.error: BaseException | None = None
         self.started = threading.Event()
         self.finished = threading.Event()
+        self._relay = None
+        self._relay_lock = threading.Lock()
 
     # -- consumer side -------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -448,19 +450,42 @@ class ChatStream:
     def wait(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)
 
+    def relay(self, callback) -> None:
+        """Instead of iterating, have every item handed to `callback(item)` on the producer's thread,
+        in order (those already produced first): each event, then None when the stream has closed
+        (`error` then says whether the worker failed). For async readers (the server), which then need
+        no thread of their own. The callback must be quick and must not raise. Text events that
+        arrive after cancel() are still handed over: the reader drops them."""
+        with self._relay_lock:
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                callback(None if item is _END else item)
+            self._relay = callback
+
     # -- producer side (engines) ----------------------------------------------------------------
     def put(self, ev: Event) -> None:
         if isinstance(ev, Usage):
             self.usage = ev
         elif isinstance(ev, Finish):
             self.finish_reason = ev.reason
-        self._q.put(ev)
+        self._emit(ev)
 
     def close(self, error: BaseException | None = None) -> None:
         self.error = error
         self.finished_at = time.monotonic()
-        self._q.put(_END)
+        self._emit(_END)
         self.finished.set()
+
+    def _emit(self, item) -> None:
+        with self._relay_lock:
+            relay = self._relay
+            if relay is None:
+                self._q.put(item)
+                return
+        relay(None if item is _END else item)
 
     def mark_started(self) -> None:
         self.started_at = time.monotonic()

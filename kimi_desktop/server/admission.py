@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from kimi_desktop.chat import Finish, Usage
+
 from .errors import APIError
 
 RETRY_AFTER_S = 2
-_END = object()
 
 
 class Admission:
@@ -52,38 +53,28 @@ class Admission:
 
 
 async def events(stream):
-    """Async iteration over a ChatStream: a daemon thread reads it and hands events to the loop.
-    A worker error is re-raised here."""
+    """Async iteration over a ChatStream: the engine's worker hands each event to the event loop
+    (ChatStream.relay), so no thread sits between them. A worker error is re-raised here; text that
+    arrives after a cancel is dropped, as ChatStream's own iterator does."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
-    def put(item) -> None:
+    def deliver(item) -> None:
         try:
             loop.call_soon_threadsafe(q.put_nowait, item)
         except RuntimeError:                    # the loop has closed (server shut down)
             stream.cancel()
 
-    def pump() -> None:
-        try:
-            for ev in stream:
-                put(ev)
-            put(_END)
-        except BaseException as e:              # noqa: BLE001 - handed to the reader
-            put(_Failed(e))
-
-    threading.Thread(target=pump, name="kimi-server-pump", daemon=True).start()
+    stream.relay(deliver)
     while True:
         item = await q.get()
-        if item is _END:
+        if item is None:
+            if stream.error is not None:
+                raise stream.error
             return
-        if isinstance(item, _Failed):
-            raise item.error
+        if stream.cancelled and not isinstance(item, (Usage, Finish)):
+            continue
         yield item
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 async def watch_disconnect(receive, stream) -> None:

@@ -53,6 +53,7 @@ class Choices:
         self._watch = threading.Thread(target=self._wait_all, name="kimi-choices", daemon=True)
         self._watch.start()
         self.finish_reasons: list[str | None] = [None] * len(self.streams)
+        self.error: BaseException | None = None
 
     def _wait_all(self) -> None:
         for s in self.streams:
@@ -85,15 +86,46 @@ class Choices:
         try:
             for i, s in enumerate(self.streams):
                 for ev in s:
-                    if isinstance(ev, Usage):
-                        usages.append(ev)
-                    elif isinstance(ev, Finish):
-                        self.finish_reasons[i] = ev.reason
+                    self._note(i, ev, usages)
                     yield Indexed(i, ev)
         except BaseException:
             self.cancel()
             raise
+        yield from self._closing(usages)
+
+    def relay(self, callback) -> None:
+        """ChatStream.relay for the group: each choice's items as Indexed, one choice after another,
+        then the group's Usage and Finish, then None."""
+        usages: list[Usage] = []
+
+        def attach(i: int) -> None:
+            s = self.streams[i]
+
+            def on(item) -> None:
+                if item is not None:
+                    self._note(i, item, usages)
+                    callback(Indexed(i, item))
+                elif s.error is not None:
+                    self.error = s.error
+                    self.cancel()
+                    callback(None)
+                elif i + 1 < len(self.streams):
+                    attach(i + 1)
+                else:
+                    for ev in self._closing(usages):
+                        callback(ev)
+                    callback(None)
+            s.relay(on)
+        attach(0)
+
+    def _note(self, i: int, ev, usages: list[Usage]) -> None:
+        if isinstance(ev, Usage):
+            usages.append(ev)
+        elif isinstance(ev, Finish):
+            self.finish_reasons[i] = ev.reason
+
+    def _closing(self, usages: list[Usage]) -> list:
         first = usages[0] if usages else Usage(0, 0, 0)
-        yield Usage(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_prompt_tokens)
         reasons = self.finish_reasons
-        yield Finish("cancelled" if "cancelled" in reasons or None in reasons else reasons[-1])
+        return [Usage(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_prompt_tokens),
+                Finish("cancelled" if "cancelled" in reasons or None in reasons else reasons[-1])]
