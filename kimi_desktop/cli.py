@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from kimi_desktop import __version__
@@ -52,15 +53,30 @@ def cmd_make_test_model(args) -> int:
     return 0
 
 
-APP_PENDING = ("the desktop app is not built yet: for now, chat in the terminal with "
-               "`kimi-desktop chat --demo` (or --model PATH)")
+APP_MISSING = "the desktop app needs {what}: pip install 'kimi-desktop[app]'"
+
+
+def open_app(demo: bool) -> int:
+    """The desktop window (ui/ is imported only here: the rest of the CLI works without Qt)."""
+    for module, what in (("PySide6.QtWidgets", "PySide6"), ("markdown_it", "markdown-it-py"),
+                         ("pygments", "Pygments"), ("mcp", "the mcp SDK")):
+        try:
+            found = importlib.util.find_spec(module) is not None     # without importing it (startup time)
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            print(f"error: {APP_MISSING.format(what=what)}", file=sys.stderr)
+            return 2
+    show_on_stderr()
+    from kimi_desktop.ui.app import run
+    return run(demo=demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="kimi-desktop", description="Run Kimi K2 offline on one workstation.",
-                epilog=f"Without a command, kimi-desktop will open the desktop app; {APP_PENDING}.")
+                epilog="Without a command, kimi-desktop opens the desktop app.")
     ap.add_argument("--version", action="version", version=f"kimi-desktop {__version__}")
-    ap.add_argument("--demo", action="store_true", help="open the app on the built-in demo model (not built yet)")
+    ap.add_argument("--demo", action="store_true", help="open the app on the built-in demo model")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate tokens from a prompt (no chat template)",
@@ -120,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command is None:
-        if args.demo:
-            print(f"kimi-desktop --demo: {APP_PENDING}.", file=sys.stderr)
-            return 1
-        ap.print_help()
-        return 0
+        return open_app(args.demo)
     show_on_stderr()
     try:
         if getattr(args, "threads", None):

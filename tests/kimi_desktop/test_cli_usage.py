@@ -176,9 +176,10 @@ def test_remote_url_is_kept_as_a_url():
     assert server.requests and server.requests[0]["messages"][-1]["content"] == "Hi there"
 
 
-def test_demo_flag_says_the_app_is_not_built_yet():
-    r = run(["--demo"])
-    assert r.returncode != 0 and "not built yet" in r.stderr and "usage:" not in r.stdout + r.stderr
+def test_the_app_without_pyside6_is_one_line():
+    for args in ([], ["--demo"]):
+        r = run(args, prelude="sys.modules['PySide6'] = None; ")    # as if the app extra were not installed
+        one_line_error(r, "PySide6", "pip install 'kimi-desktop[app]'")
 
 
 # ------------------------------------------------------------------ help and first-run notice

@@ -1,0 +1,55 @@
+"""`kimi-desktop` and `kimi-desktop --demo` open the window (a subprocess, offscreen, with its own data
+and cache folders); --demo loads the demo model on a worker thread while the window is up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def launch(args, tmp_path):
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_DATA_HOME": str(tmp_path / "data"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    return subprocess.Popen([sys.executable, "-m", "kimi_desktop", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_until(p, needle: str, timeout: float = 120.0) -> list[str]:
+    lines, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen; stderr: {lines}")
+
+
+def test_the_bare_command_opens_the_window(tmp_path):
+    p = launch([], tmp_path)
+    try:
+        lines = read_until(p, "window ready in")
+        assert p.poll() is None                             # the event loop runs
+        assert (tmp_path / "data" / "kimi-desktop" / "conversations.sqlite3").exists()
+        assert not any("Traceback" in x for x in lines)
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_demo_opens_the_window_then_loads_the_demo_model(tmp_path):
+    p = launch(["--demo"], tmp_path)
+    try:
+        lines = read_until(p, "window ready in")
+        lines += read_until(p, "model: demo")
+        assert p.poll() is None
+        assert not any("Traceback" in x for x in lines)
+    finally:
+        p.kill()
+        p.wait(10)
