@@ -1,5 +1,7 @@
-"""The local API (design.md section 5a): one FastAPI app over one engine, speaking OpenAI Chat
-Completions and Completions; security and queueing are shared by every route.
+"""The local API: one FastAPI app over one engine, speaking OpenAI Chat Completions, Completions and
+Responses (openai_api, responses_api) and Anthropic Messages (anthropic_api); security (security.py),
+errors in each API's shape (errors.py), queueing and streaming (admission.py, streaming.py) and
+/metrics are shared by every route.
 
     from kimi_desktop.server import create_app, LocalServer
     server = LocalServer(create_app(engine, "Kimi-K2"), port=0).start_in_thread()
