@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QObject, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
 from kimi_desktop.conversations import ConversationStore, SchemaError
@@ -41,9 +42,32 @@ def build_window(app: QApplication, db_path=None, engine=None, model_label: str 
     return window
 
 
+class UiThreadGc(QObject):
+    """Python's cyclic garbage collector runs on whichever thread allocates past its threshold; when that
+    is a worker (the engine, uvicorn, MCP) and the garbage holds Qt objects, they are destroyed off the UI
+    thread, which crashes. So automatic collection is off, and this timer collects on the UI thread by the
+    same thresholds."""
+
+    def __init__(self, parent=None, interval_ms: int = 500):
+        super().__init__(parent)
+        self.thresholds = gc.get_threshold()
+        gc.disable()
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(self.check)
+        self.timer.start(interval_ms)
+
+    def check(self) -> None:
+        counts = gc.get_count()
+        for gen in (2, 1, 0):                   # the oldest generation due (it collects the younger ones too)
+            if counts[gen] > self.thresholds[gen]:
+                gc.collect(gen)
+                return
+
+
 def run(demo: bool = False, db_path=None, argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    app._gc = UiThreadGc(app)
     app.setApplicationName("kimi-desktop")
     app.setApplicationDisplayName("Kimi Desktop")
     from kimi_desktop.settings import Settings

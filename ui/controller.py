@@ -82,6 +82,7 @@ class Controller(QObject):
     modelChanged = Signal(str)          # a label for the loaded model ("" when none)
     modelLoading = Signal(str)          # what the loader is doing (progress text)
     modelFailed = Signal(str, str)      # the file / folder, the problem (one line)
+    engineClosing = Signal()            # the engine is about to be closed or replaced: stop using it now
 
     def __init__(self, store: ConversationStore, engine=None, model_label: str = "", parent: QObject | None = None,
                  status_interval_s: float = STATUS_INTERVAL_MS / 1000):
@@ -279,6 +280,8 @@ class Controller(QObject):
         if self.busy:
             self.stop()
             self._finish_now()
+        if self.engine is not None and self.engine is not engine:
+            self.engineClosing.emit()
         old, self.engine = self.engine, engine
         if old is not None and old is not engine:
             old.close()
@@ -489,6 +492,7 @@ class Controller(QObject):
         self.stop()
         self._finish_now()
         self.cancel_load()
+        self.engineClosing.emit()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -17,6 +17,7 @@ from .chat_view import ChatView
 from .controller import Controller
 from .conversation_list import ConversationPanel
 from .conversation_settings import ConversationSettingsDialog
+from .local_api import LocalApi, LocalApiPanel
 from .status_bar import StatusPanel
 from .theme import LIGHT, Theme
 
@@ -29,11 +30,12 @@ class MessageBox(QPlainTextEdit):
     """Enter sends (submitted), Shift+Enter is a new line; grows with its text up to 8 lines."""
 
     submitted = Signal()
+    PLACEHOLDER = "Message Kimi…  (Enter sends, Shift+Enter new line)"
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setObjectName("messageBox")
-        self.setPlaceholderText("Message Kimi…  (Enter sends, Shift+Enter new line)")
+        self.setPlaceholderText(self.PLACEHOLDER)
         self.setTabChangesFocus(True)
         self.document().documentLayout().documentSizeChanged.connect(self._grow)
         self._grow()
@@ -103,11 +105,21 @@ class MainWindow(QMainWindow):
         self.model_menu.addAction("Open a model…", self.open_model)
         self.model_menu.addAction("Built-in demo model", self.c.load_demo)
         self.model_menu.addSeparator()
-        self.unload_action = self.model_menu.addAction("Unload (free the memory)", self.c.unload)
+        self.unload_action = self.model_menu.addAction("Unload model (free the memory)", self.c.unload)
+        self.model_menu.addSeparator()
+        self.local_api = LocalApi(self.c, self.settings, self)
+        self.model_menu.addAction(self.local_api.action)
         self.model_menu.addSeparator()
         self.model_menu.addAction("MCP servers…", self.edit_mcp_servers)
         self.model_button.setMenu(self.model_menu)
         header.addWidget(self.model_button)
+        self.api_button = QToolButton()
+        self.api_button.setText("Local API")
+        self.api_button.setToolTip("The local API: URL, key, start and stop")
+        self.api_button.clicked.connect(self.show_local_api)
+        self.local_api.changed.connect(lambda: self.api_button.setText(
+            "Local API · on" if self.local_api.server is not None else "Local API"))
+        header.addWidget(self.api_button)
         self.settings_button = QToolButton()
         self.settings_button.setText("Settings…")
         self.settings_button.clicked.connect(self.edit_settings)
@@ -117,6 +129,13 @@ class MainWindow(QMainWindow):
         self.export_button.clicked.connect(lambda: self.export_conversation(None))
         header.addWidget(self.export_button)
         col.addLayout(header)
+        self.api_panel = LocalApiPanel(self.local_api)
+        self.api_panel.hide()
+        self.local_api.action.toggled.connect(lambda on: on and self.api_panel.show())
+        panel_row = QHBoxLayout()
+        panel_row.setContentsMargins(12, 0, 12, 0)
+        panel_row.addWidget(self.api_panel)
+        col.addLayout(panel_row)
         self.chat = ChatView(self.theme)
         col.addWidget(self.chat, 1)
         self.notice = QLabel()
@@ -212,7 +231,12 @@ class MainWindow(QMainWindow):
 
     def _model_changed(self, label: str) -> None:
         self.model_button.setText(f"Model: {label}" if label else "Load a model")
-        self.unload_action.setEnabled(bool(label))
+        loaded = bool(label) or self.c.engine is not None
+        self.unload_action.setEnabled(loaded)
+        self.send_button.setEnabled(loaded)
+        self.send_button.setToolTip("" if loaded else "No model is loaded: open one from the Model menu")
+        self.input.setPlaceholderText(MessageBox.PLACEHOLDER if loaded else
+                                      "No model is loaded: open one from the Model menu to chat")
 
     def _loading(self, text: str) -> None:
         for w in (self.progress_label, self.progress, self.cancel_load):
@@ -355,6 +379,9 @@ class MainWindow(QMainWindow):
         if d.exec():
             self.mcpServersChanged.emit()
         d.deleteLater()
+
+    def show_local_api(self) -> None:
+        self.api_panel.setVisible(not self.api_panel.isVisible())
 
     def set_theme(self, theme: Theme) -> None:
         self.theme = theme

@@ -5,6 +5,7 @@ shared with the API tests."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
@@ -18,6 +19,16 @@ from kimi_desktop.conversations import ConversationStore  # noqa: E402
 
 # the API tests' engines: the tiny random model, and the scripted one (script(text, delay) sets its answer)
 from tests.kimi_desktop.server.conftest import script, scripted_engine, server_engine  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _collect_on_the_ui_thread():
+    """Collect each test's garbage here: a collection that a worker thread (uvicorn, an engine) happens
+    to trigger would otherwise destroy Qt objects off the UI thread (a segfault). What survives is
+    frozen (gc.freeze): later collections skip it, so this costs milliseconds, not a full collection."""
+    yield
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture

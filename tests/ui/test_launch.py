@@ -53,3 +53,42 @@ def test_demo_opens_the_window_then_loads_the_demo_model(tmp_path):
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_garbage_is_collected_on_the_ui_thread(qtbot):
+    """The app turns automatic collection off (a worker thread's collection would destroy Qt objects
+    off the UI thread) and collects from a UI-thread timer instead: cycles made on a worker are freed
+    there, on the UI thread."""
+    import gc
+    import threading
+    import weakref
+
+    from PySide6.QtCore import QObject
+    from kimi_desktop.ui.app import UiThreadGc
+
+    freed_on = []
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            freed_on.append(threading.current_thread() is threading.main_thread())
+
+    parent = QObject()
+    collector = UiThreadGc(parent, interval_ms=10)
+    try:
+        assert not gc.isenabled()
+        refs = []
+
+        def work():                         # allocate well past the gen-0 threshold, on a worker
+            for _ in range(5 * collector.thresholds[0]):
+                refs.append(weakref.ref(Cycle()))
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        qtbot.waitUntil(lambda: all(r() is None for r in refs), timeout=5000)
+        assert freed_on and all(freed_on)   # every cycle was freed by the UI thread's timer
+    finally:
+        collector.timer.stop()
+        gc.enable()
