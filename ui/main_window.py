@@ -18,8 +18,10 @@ from .controller import Controller
 from .conversation_list import ConversationPanel
 from .conversation_settings import ConversationSettingsDialog
 from .local_api import LocalApi, LocalApiPanel
+from .markdown_render import prepare_lexers
 from .status_bar import StatusPanel
 from .theme import LIGHT, Theme
+from .workers import favour_the_ui_thread
 
 __all__ = ["MainWindow", "MessageBox"]
 
@@ -60,6 +62,8 @@ class MainWindow(QMainWindow):
         """settings: kimi_desktop.settings.Settings (the last model, approvals), or None."""
         super().__init__(parent)
         self.c = controller
+        favour_the_ui_thread()
+        prepare_lexers()                # Pygments compiles a language's lexer on first use: now, not mid-answer
         self.theme = theme
         self.settings = settings
         self.hub = None                 # the McpHub, once the app has started it

@@ -92,3 +92,17 @@ def test_garbage_is_collected_on_the_ui_thread(qtbot):
     finally:
         collector.timer.stop()
         gc.enable()
+
+
+def test_a_long_session_of_qt_calls_keeps_none_alive(tmp_path):
+    """PySide6 6.12 on CPython 3.11 loses a reference to None in every Qt call that returns None; the
+    app gives None a count no session spends. 20,000 setHtml calls (a few hours of streaming) abort
+    the interpreter without it. A subprocess: an abort must not take the test run with it."""
+    code = ("import kimi_desktop.ui, sys\n"
+            "from PySide6.QtWidgets import QApplication, QTextBrowser\n"
+            "app = QApplication([]); b = QTextBrowser(); r0 = sys.getrefcount(None)\n"
+            "for n in range(20000): b.setHtml(f'<p>{n}</p>')\n"
+            "print('ok', r0 - sys.getrefcount(None))\n")
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]

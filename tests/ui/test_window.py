@@ -171,9 +171,8 @@ def test_a_model_that_fails_to_load_shows_a_dialog(qtbot, window, tmp_path):
 
 def test_the_event_loop_never_stalls_during_a_generation(qtbot, window, script):
     """A 10 ms timer keeps ticking while ~1000 tokens of markdown and code stream as fast as the engine
-    makes them. Between two ticks the UI thread never works 100 ms (its CPU time: what the app does);
-    a wall-clock gap over 100 ms is allowed only when the UI thread did not do most of it (the machine
-    ran other processes: these tests share it)."""
+    makes them: no two ticks are 100 ms apart by the wall clock (the UI thread's CPU time per gap is
+    printed beside it: a wall gap far above it means the UI thread waited, e.g. for the GIL)."""
     para = "Streaming from disk costs **reads**: each token asks for `8` experts per layer.\n\n"
     code = "```python\n" + "".join(f"x{i} = read(layer={i})\n" for i in range(30)) + "```\n\n"
     script("<think>" + " t" * 100 + "</think>" + (para * 6 + code) * 3 + "<|im_end|>")
@@ -191,8 +190,7 @@ def test_the_event_loop_never_stalls_during_a_generation(qtbot, window, script):
     wall, cpu = max(g[0] for g in gaps), max(g[1] for g in gaps)
     print(f"\n{len(ticks)} ticks in {took:.2f} s, longest gap {wall * 1e3:.0f} ms wall, "
           f"{cpu * 1e3:.0f} ms of UI-thread CPU")
-    assert cpu < 0.1
-    assert all(c < 0.5 * w for w, c in gaps if w >= 0.1), [g for g in gaps if g[0] >= 0.1]
+    assert wall < 0.1, [g for g in gaps if g[0] >= 0.1]
 
 
 def test_open_a_model_from_the_dialog_remembers_it(qtbot, window, tiny_int4, tmp_path, monkeypatch):
