@@ -1,6 +1,7 @@
 """The main window with a real conversation (reasoning, a code block, a tool call and its result, the
-status row with figures), light and dark, rendered to PNG. KIMI_DESKTOP_WRITE_SCREENSHOTS=1 writes
-docs/app-light.png and docs/app-dark.png (the status figures are the sample's, not a measurement)."""
+status row with figures), light and dark, rendered to PNG. The README's pictures come from
+tools/app_screenshots.py (the same window, with live figures from a real run on a K2-sized model);
+KIMI_DESKTOP_WRITE_SCREENSHOTS=1 writes this test's (sample figures) to docs/ instead."""
 
 from __future__ import annotations
 
