@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kimi_desktop.chat import ChatRequestError
+
 __all__ = ["ContextFit", "prompt_tokens", "context_size", "fit_context", "drop_oldest_turns", "DEFAULT_RESERVE"]
 
 DEFAULT_RESERVE = 256          # tokens the answer needs at least, beyond the prompt
@@ -26,12 +28,15 @@ class ContextFit:
 
 
 def prompt_tokens(engine, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> int | None:
-    """Tokens the rendered conversation takes (the engine's own tokenizer and chat template)."""
-    tok = getattr(engine, "tokenizer", None)
-    if tok is None or not hasattr(tok, "render_chat"):
+    """Tokens the rendered conversation takes (engine.prompt_tokens: its own chat template and tokenizer);
+    None when the engine cannot count (remote) or refuses the conversation (chat() then says why)."""
+    count = getattr(engine, "prompt_tokens", None)
+    if not callable(count):
         return None
-    text = tok.render_chat(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
-    return len(tok.encode(text))
+    try:
+        return count(messages, tools)
+    except ChatRequestError:
+        return None
 
 
 def context_size(engine) -> int | None:

@@ -234,7 +234,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if n == 1:
             return _sse_response(turn, _chat_chunker(turn, usage))
         return _sse_response(turn, _fan_out(turn, lambda i, sub: _chat_chunker(sub, False, i, turn),
-                                            usage, _chat_head(turn)))
+                                            usage, _head(turn, "chat.completion.chunk")))
     accs, feed = _per_choice(n, _ChatChoice)
     await gather(request, turn, feed)
     return JSONResponse({"id": turn.id, "object": "chat.completion", "created": turn.created, "model": turn.model,
@@ -243,14 +243,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                          "usage": usage_dict(turn), "timings": turn.timings()})
 
 
-def _chat_head(turn: Turn) -> dict:
-    return {"id": turn.id, "object": "chat.completion.chunk", "created": turn.created, "model": turn.model,
+def _head(turn: Turn, kind: str) -> dict:
+    """What every chunk of a streamed answer repeats: its identity and object type."""
+    return {"id": turn.id, "object": kind, "created": turn.created, "model": turn.model,
             "system_fingerprint": turn.fingerprint}
 
 
 def _chat_chunker(turn, include_usage: bool, index: int = 0, group: Turn | None = None):
     """The chunks of one choice; `turn` gives its timings, `group` (n > 1) the response's identity."""
-    head = _chat_head(group or turn)
+    head = _head(group or turn, "chat.completion.chunk")
     opened = False
 
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
@@ -326,7 +327,7 @@ async def completions(body: CompletionRequest, request: Request):
         if n == 1:
             return _sse_response(turn, _completion_chunker(turn, usage, echo, want_lp))
         per_choice = lambda i, sub: _completion_chunker(sub, False, echo, want_lp, i, turn)    # noqa: E731
-        return _sse_response(turn, _fan_out(turn, per_choice, usage, _completion_head(turn)))
+        return _sse_response(turn, _fan_out(turn, per_choice, usage, _head(turn, "text_completion")))
     accs, feed = _per_choice(n, lambda: _TextChoice(echo))
     await gather(request, turn, feed)
     return JSONResponse({"id": turn.id, "object": "text_completion", "created": turn.created, "model": turn.model,
@@ -345,14 +346,9 @@ def _legacy_logprobs(lps: list[TokenLogprobs], offset: int) -> dict:
             "top_logprobs": [dict(lp.top) for lp in lps], "text_offset": offsets}
 
 
-def _completion_head(turn: Turn) -> dict:
-    return {"id": turn.id, "object": "text_completion", "created": turn.created, "model": turn.model,
-            "system_fingerprint": turn.fingerprint}
-
-
 def _completion_chunker(turn, include_usage: bool, echo: str, want_lp: bool, index: int = 0,
                         group: Turn | None = None):
-    head = _completion_head(group or turn)
+    head = _head(group or turn, "text_completion")
     state = {"offset": len(echo), "echo": echo}
 
     def chunk(text: str, finish: str | None = None, logprobs: dict | None = None) -> dict:

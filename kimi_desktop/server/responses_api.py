@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -41,14 +40,13 @@ from kimi_desktop.chat import ChatRequestError, Sampling
 from kimi_desktop.notices import log
 
 from .errors import APIError, from_chat_error
-from .openai_api import generation_defaults
 from .reasoning import effort_budget
-from .responses_output import Output, response_object, usage_object
+from .responses_output import Output, new_id, response_object, usage_object
 from .responses_schema import (CustomToolCallItem, CustomToolCallOutputItem, FunctionCallItem,
                                FunctionCallOutputItem, FunctionTool, ItemReference, LocalShellCallItem,
                                MediaPart, MessageItem, NamedFunction, ReasoningItem, RefusalPart,
                                ResponsesRequest)
-from .streaming import SSE_HEADERS, Turn, gather, sse, start, streamed
+from .streaming import SSE_HEADERS, Turn, gather, generation_defaults, sse, start, streamed
 
 router = APIRouter()
 
@@ -213,8 +211,7 @@ async def responses(body: ResponsesRequest, request: Request):
                                                            sampling=sampling))
     except ChatRequestError as e:
         raise _engine_error(e) from None
-    turn = Turn(request, stream, "resp", body.model)
-    turn.id = f"resp_{uuid.uuid4().hex}"
+    turn = Turn(request, stream, "resp_", body.model)
     out = Output(getattr(engine, "tokenizer", None))
     if body.stream:
         return StreamingResponse(_sse(turn, body, out), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -224,7 +221,7 @@ async def responses(body: ResponsesRequest, request: Request):
 
 
 def _empty_answer(body: ResponsesRequest, model_name: str):
-    rid, created, model = f"resp_{uuid.uuid4().hex}", int(time.time()), body.model or model_name
+    rid, created, model = new_id("resp"), int(time.time()), body.model or model_name
     final = response_object(rid, created, model, body, "completed", [], usage_object(None, 0))
     if not body.stream:
         return JSONResponse(final)
@@ -235,7 +232,7 @@ def _empty_answer(body: ResponsesRequest, model_name: str):
     return StreamingResponse(iter([data]), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _sse(turn: Turn, body: ResponsesRequest, out: Output):
+def _sse(turn: Turn, body: ResponsesRequest, out: Output):
     seq = 0
 
     def enc(obj: dict) -> bytes:
@@ -262,11 +259,6 @@ async def _sse(turn: Turn, body: ResponsesRequest, out: Output):
         failed["response"]["error"] = {"code": "server_error", "message": f"generation failed: {e}"}
         return enc(failed)
 
-    body_events = streamed(turn, chunks, on_error)
-    try:
-        yield enc(lifecycle("response.created", "in_progress"))     # at once: the client sees it while queued
-        yield enc(lifecycle("response.in_progress", "in_progress"))
-        async for data in body_events:
-            yield data
-    finally:
-        await body_events.aclose()      # a client gone while this waits on its send: cancel the generation now
+    # created / in_progress go out at once: the client sees them while the request waits in the queue
+    head = enc(lifecycle("response.created", "in_progress")) + enc(lifecycle("response.in_progress", "in_progress"))
+    return streamed(turn, chunks, on_error, head=head)

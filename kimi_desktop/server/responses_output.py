@@ -19,7 +19,7 @@ from typing import Any
 from kimi_desktop.chat import ContentDelta, Finish, ReasoningDelta, ToolCallDelta, Usage
 
 
-def _id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
@@ -65,7 +65,7 @@ class Output:
         out = []
         if ev.index not in self._calls:
             out += self._close("completed")
-            item = {"id": _id("fc"), "type": "function_call", "call_id": ev.id, "name": ev.name or "",
+            item = {"id": new_id("fc"), "type": "function_call", "call_id": ev.id, "name": ev.name or "",
                     "arguments": "", "status": "in_progress"}
             self.items.append(item)
             self._open = self._calls[ev.index] = len(self.items) - 1
@@ -84,10 +84,10 @@ class Output:
 
     def _add(self, kind: str) -> list[dict]:
         if kind == "reasoning":
-            item = {"id": _id("rs"), "type": "reasoning", "summary": [], "content": []}
+            item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": []}
             part = {"type": "reasoning_text", "text": ""}
         else:
-            item = {"id": _id("msg"), "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+            item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress", "content": []}
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         self.items.append(item)
         i = self._open = len(self.items) - 1
