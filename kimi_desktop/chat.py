@@ -13,6 +13,7 @@ Requests are validated before anything runs: a bad one raises ChatRequestError (
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import re
@@ -28,7 +29,7 @@ from kimi_desktop.runtime.events import (ContentDelta, Event, Finish, ReasoningD
 __all__ = [
     "ChatRequestError", "ChatResult", "ChatStream", "ContentDelta", "Engine", "Event", "FifoLock",
     "Finish", "ReasoningDelta", "Sampling", "TokenLogprobs", "ToolCallDelta", "Usage",
-    "FINISH_REASONS", "StopMatcher", "validate_request", "count_history_tool_calls",
+    "FINISH_REASONS", "StopMatcher", "validate_request", "count_history_tool_calls", "parse_tool_arguments",
 ]
 
 FINISH_REASONS = ("stop", "length", "tool_calls", "cancelled")
@@ -276,6 +277,31 @@ def count_history_tool_calls(messages: Sequence[Mapping[str, Any]]) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Stop strings
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text[:40]} is out of range for a JSON number")
+    return v
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_tool_arguments(arguments: str) -> dict:
+    """A model's tool-call arguments as a dict: strict JSON (no NaN / Infinity, no number that overflows
+    a double, as JSON encoders and the tools' own parsers reject them); "" is {}. ValueError otherwise."""
+    if not arguments.strip():
+        return {}
+    try:
+        v = json.loads(arguments, parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"the arguments are not valid JSON ({e}): {arguments[:200]}") from None
+    if not isinstance(v, dict):
+        raise ValueError(f"the arguments must be a JSON object, got {type(v).__name__}: {arguments[:200]}")
+    return v
+
 
 class StopMatcher:
     """Finds stop strings in a text stream that arrives in pieces.

@@ -34,6 +34,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from kimi_desktop.chat import parse_tool_arguments
 from kimi_desktop.mcp_config import (HttpServer, McpConfig, McpConfigError, StdioServer, default_mcp_path,
                                      load_mcp_config, parse_mcp_config)
 
@@ -67,17 +68,11 @@ def k2_tool_name(name: str) -> str:
 
 def parse_arguments(arguments: str | Mapping | None) -> dict:
     """A tool call's arguments as a dict; ValueError in plain words when they are not a JSON object."""
-    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
-        return {}
     if isinstance(arguments, Mapping):
         return dict(arguments)
-    try:
-        v = json.loads(arguments)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"the arguments are not valid JSON ({e}): {str(arguments)[:200]}") from None
-    if not isinstance(v, dict):
-        raise ValueError(f"the arguments must be a JSON object, got {type(v).__name__}: {str(arguments)[:200]}")
-    return v
+    if arguments is not None and not isinstance(arguments, str):
+        raise ValueError(f"the arguments must be a JSON object, got {type(arguments).__name__}")
+    return parse_tool_arguments(arguments or "")
 
 
 def _leaf(e: BaseException) -> BaseException:

@@ -35,7 +35,8 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kimi_desktop.chat import ChatRequestError, ContentDelta, Finish, ReasoningDelta, Sampling, ToolCallDelta
+from kimi_desktop.chat import (ChatRequestError, ContentDelta, Finish, ReasoningDelta, Sampling, ToolCallDelta,
+                              parse_tool_arguments)
 from kimi_desktop.notices import log
 
 from .anthropic_schema import (CountTokensRequest, MediaBlock, MessagesRequest, RedactedThinkingBlock,
@@ -233,13 +234,10 @@ class Blocks:
 
 def _tool_input(arguments: str, name: str) -> dict:
     try:
-        value = json.loads(arguments) if arguments.strip() else {}
-    except ValueError:
-        value = None
-    if isinstance(value, dict):
-        return value
-    log.warning(f"/v1/messages: the model's arguments for {name!r} are not a JSON object; sent as {{}}")
-    return {}
+        return parse_tool_arguments(arguments)
+    except ValueError as e:
+        log.warning(f"/v1/messages: the model's arguments for {name!r} are not a JSON object, sent as {{}}: {e}")
+        return {}
 
 
 def _usage(turn: Turn) -> dict:

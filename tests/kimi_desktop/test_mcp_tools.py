@@ -193,3 +193,18 @@ def test_streamable_http_server(http_port):
                      connect_timeout_s=5).start()
     assert refused.status()["gone"].state == "failed" and "127.0.0.1:9" in refused.status()["gone"].error
     refused.close()
+
+
+@pytest.mark.parametrize("text", ['{"n": NaN}', '{"n": Infinity}', '{"n": -Infinity}', '{"n": 1e999}',
+                                  '{"n": [-1.5e309]}', '{"n": 1', '[]', '"x"', "null"])
+def test_tool_arguments_are_strict_json_objects(text):
+    """What no JSON encoder writes back (NaN, Infinity, a number past a double) is refused, as is a
+    value that is not an object: the tool gets an error naming why, not a crash later."""
+    with pytest.raises(ValueError, match="not valid JSON|JSON object"):
+        parse_arguments(text)
+
+
+def test_tool_arguments_keep_what_json_keeps():
+    text = '{"n": 1.5e308, "big": 123456789012345678901234567890, "s": "NaN", "a": [true, null]}'
+    assert parse_arguments(text) == {"n": 1.5e308, "big": 123456789012345678901234567890, "s": "NaN",
+                                     "a": [True, None]}

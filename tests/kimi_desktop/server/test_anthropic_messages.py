@@ -235,6 +235,26 @@ def test_tool_result_turn_renders_as_the_template_says(scripted, scripted_engine
     assert c.messages.count_tokens(model="m", tools=A_TOOLS, messages=no_thinking).input_tokens < expected
 
 
+@pytest.mark.parametrize("arguments", ['{"city": 1e999}', '{"city": -2E400}', '["Paris"]', '{"city": "Par'])
+def test_arguments_that_are_not_a_json_object_arrive_as_an_empty_input(scripted, script, arguments):
+    """A random model may write a number no double holds (json.loads makes it inf, which no JSON
+    encoder writes): the call still arrives, its input {}, the raw text in the stream's deltas."""
+    text = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            f"{arguments}<|tool_call_end|><|tool_calls_section_end|><|im_end|>")
+    body = {"model": "m", "max_tokens": 100, "temperature": 0, "tools": A_TOOLS, "messages": QUESTION}
+    script(text)
+    r = client(scripted, KEY).messages.create(**api_args({**body, "stream": False}))
+    assert [(b.type, b.name, b.input) for b in r.content] == [("tool_use", "get_weather", {})]
+    assert r.stop_reason == "tool_use"
+    script(text)
+    status, _, data = raw(scripted, "POST", "/v1/messages", {**body, "stream": True}, headers={"x-api-key": KEY})
+    events = sse_named(data)
+    assert status == 200 and events[-1][0] == "message_stop"
+    fragments = [ev["delta"]["partial_json"] for n, ev in events
+                 if n == "content_block_delta" and ev["delta"]["type"] == "input_json_delta"]
+    assert "".join(fragments) == arguments
+
+
 def test_blocks_map_to_the_chat_api_messages():
     body = MessagesRequest(model="m", max_tokens=5, system=[{"type": "text", "text": "Rules."}], messages=[
         *QUESTION, CALL_TURN,
