@@ -21,10 +21,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping, Sequence
 
 from kimi_desktop.runtime.events import (ContentDelta, Event, Finish, ReasoningDelta, TokenLogprobs,
                                          ToolCallDelta, Usage)
+from kimi_desktop.runtime.sampling import SamplerConfig, SamplingError, check_integer
 
 __all__ = [
     "ChatRequestError", "ChatResult", "ChatStream", "ContentDelta", "Engine", "Event", "FifoLock",
@@ -51,28 +53,22 @@ class ChatRequestError(ValueError):
 # Sampling settings
 
 @dataclass
-class Sampling:
-    """Generation settings; field names are the OpenAI request's, plus top_k, min_p,
-    repetition_penalty and max_reasoning_tokens. None = the default.
+class Sampling(SamplerConfig):
+    """Generation settings: the sampler's (runtime/sampling.py's SamplerConfig: temperature, top_p,
+    top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, repetition_last_n, seed)
+    and the request's own below; field names are the OpenAI request's, plus top_k, min_p,
+    repetition_penalty, repetition_last_n and max_reasoning_tokens. None = the default.
 
     max_reasoning_tokens: after that many tokens inside the think block the engine forces </think>
     and the model answers (0: the block is closed at once, `<think></think>`); a no-op for a model
     without think tokens. None: no cap but max_tokens (constrained modes keep half the budget).
     parallel_tool_calls: False allows at most one tool call per turn (OpenAI's parallel_tool_calls,
     Anthropic's disable_parallel_tool_use)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
     max_tokens: int | None = None           # None: until the context is full
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int | None = None         # 0..20, needs logprobs
     response_format: Mapping[str, Any] | None = None    # {"type": "text" | "json_object" | "json_schema", ...}
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
     max_reasoning_tokens: int | None = None     # cap on tokens inside <think>; None: see above
     parallel_tool_calls: bool = True
 
@@ -80,7 +76,7 @@ class Sampling:
     DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
     @classmethod
-    def from_openai(cls, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "Sampling":
+    def from_openai(cls, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Sampling:
         """The sampling fields of an OpenAI chat request body (others are ignored);
         max_completion_tokens is read as max_tokens; None values mean the default: the model's
         (`defaults`, from engine.generation_defaults(): only DEFAULTABLE fields), else Sampling's."""
@@ -97,38 +93,14 @@ class Sampling:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def validate(self) -> None:
-        """Raise ChatRequestError naming the first bad field."""
-        def number(name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ChatRequestError(f"{name} must be a number, got {v!r}", name)
-            if lo is not None and (v <= lo if lo_open else v < lo):
-                raise ChatRequestError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}", name)
-            if hi is not None and v > hi:
-                raise ChatRequestError(f"{name} must be <= {hi}, got {v}", name)
-
-        def integer(name: str, lo: int, hi: int | None = None, optional: bool = True):
-            v = getattr(self, name)
-            if v is None and optional:
-                return
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ChatRequestError(f"{name} must be an integer, got {v!r}", name)
-            if v < lo or (hi is not None and v > hi):
-                rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-                raise ChatRequestError(f"{name} must be {rng}, got {v}", name)
-
-        number("temperature", 0.0)
-        number("top_p", 0.0, 1.0, lo_open=True)
-        number("min_p", 0.0, 1.0)
-        number("presence_penalty", -2.0, 2.0)
-        number("frequency_penalty", -2.0, 2.0)
-        number("repetition_penalty", 0.0, lo_open=True)
-        integer("top_k", 0, optional=False)
-        integer("max_tokens", 1)
-        integer("max_reasoning_tokens", 0)
-        integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ChatRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
+        """Raise ChatRequestError naming the first bad field (the sampler's fields by its validator)."""
+        try:
+            super().validate()
+            check_integer("max_tokens", self.max_tokens, 1)
+            check_integer("max_reasoning_tokens", self.max_reasoning_tokens, 0)
+            check_integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        except SamplingError as e:
+            raise ChatRequestError(str(e), e.field) from None
         if not isinstance(self.parallel_tool_calls, bool):
             raise ChatRequestError(f"parallel_tool_calls must be true or false, got {self.parallel_tool_calls!r}",
                                    "parallel_tool_calls")
@@ -421,7 +393,7 @@ class ChatStream:
     """
 
     def __init__(self, on_cancel=None):
-        self._q: "queue.Queue[object]" = queue.Queue()
+        self._q: queue.Queue[object] = queue.Queue()
         self._cancel = threading.Event()
         self._on_cancel = on_cancel
         self._done = False
@@ -466,7 +438,7 @@ class ChatStream:
                 continue                    # drop text produced before the cancel reached the worker
             return item
 
-    def result(self) -> "ChatResult":
+    def result(self) -> ChatResult:
         """Consume the stream and gather it (non-streaming responses, tests, the CLI)."""
         r = ChatResult()
         for ev in self:

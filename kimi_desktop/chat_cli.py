@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from kimi_desktop.chat import ChatRequestError, ChatResult, ContentDelta, Finish, ReasoningDelta, Sampling
 from kimi_desktop.cli_options import add_model_args, engine_options, float_in, int_at_least, resolve_model

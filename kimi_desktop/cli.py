@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     pr = g.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
-    pr.add_argument("--prompt-ids", type=token_ids, metavar="IDS", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    pr.add_argument("--prompt-ids", type=token_ids, metavar="IDS",
+                    help="prompt as comma-separated token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=int_at_least(1), default=16, metavar="N",
                    help="stop after N new tokens (or at the model's end token); default 16")
     g.add_argument("--temperature", type=float_in(0.0), default=0.0, metavar="T",

@@ -9,8 +9,9 @@ Qt-free; the app asks before sending (never truncates silently), as LM Studio do
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from kimi_desktop.chat import ChatRequestError
 

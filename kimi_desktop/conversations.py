@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["ConversationStore", "Conversation", "Message", "SearchHit", "StreamWriter", "SchemaError",
            "default_db_path", "SCHEMA_VERSION", "WRITE_INTERVAL_S"]
@@ -275,7 +276,7 @@ class ConversationStore:
             self.db.execute("DELETE FROM messages WHERE conversation=? AND position>=?", (cid, position))
             self.db.execute("UPDATE conversations SET updated=? WHERE id=?", (self.clock(), cid))
 
-    def stream_writer(self, cid: int, m: Message) -> "StreamWriter":
+    def stream_writer(self, cid: int, m: Message) -> StreamWriter:
         m.complete = False
         self.add_message(cid, m)
         return StreamWriter(self, m)

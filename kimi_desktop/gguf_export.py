@@ -32,14 +32,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
 
-from kimi_desktop.offload.formats import Int4Linear, QuantConfig, load_linear
+from kimi_desktop.offload.formats import Int4Linear, QuantConfig, int4_nibbles, load_linear
 from kimi_desktop.offload.safetensors import Checkpoint, CheckpointError
 from kimi_desktop.runtime.config import ModelConfig, load_config
 
@@ -81,11 +81,7 @@ def int4_to_q4_0(packed: np.ndarray, scale: np.ndarray, in_features: int, where:
         raise CheckpointError(
             f"{where}: weight_scale[{r}, {c}] = {float(s32[r, c])!r} is not exactly representable as an fp16 "
             f"number (fp16 gives {d[r, c].astype(np.float32)!r}); a Q4_0 export would not be exact")
-    b = np.ascontiguousarray(packed, dtype="<i4").view(np.uint8)[:, :in_features // 2]   # [rows, in/2]
-    u = np.empty((rows, in_features // 2, 2), dtype=np.uint8)                            # [rows, in/2, 2]
-    np.bitwise_and(b, 0x0F, out=u[..., 0])           # column 2k
-    np.right_shift(b, 4, out=u[..., 1])              # column 2k+1
-    u = u.reshape(rows, nb, QK4_0)                   # [rows, blocks, 32] nibble values q + 8
+    u = int4_nibbles(packed, in_features).reshape(rows, nb, QK4_0)   # [rows, blocks, 32] nibble values q + 8
     out = np.empty((rows, nb, Q4_0_BLOCK_BYTES), dtype=np.uint8)
     out[:, :, :2] = d.astype("<f2").view(np.uint8).reshape(rows, nb, 2)
     out[:, :, 2:] = u[:, :, :16] | (u[:, :, 16:] << 4)
@@ -177,13 +173,20 @@ def gguf_metadata(cfg: ModelConfig, source: str = "config.json") -> list[tuple[s
     """The architecture key/values, as (writer method, short key, value), in writing order."""
     import gguf
 
-    if cfg.moe_layer_freq != 1:
+    if cfg.n_routed_experts and cfg.moe_layers != tuple(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)):
         raise CheckpointError(f"{source}: moe_layer_freq {cfg.moe_layer_freq} cannot be expressed in a "
                               f"deepseek2 GGUF (llama.cpp makes every layer after the dense ones MoE)")
     if cfg.n_routed_experts and cfg.n_shared_experts < 1:
         raise CheckpointError(f"{source}: n_shared_experts {cfg.n_shared_experts}: llama.cpp's deepseek2 "
                               f"needs the shared expert tensors")
-    kv: list[tuple[str, str, object]] = [
+    return [*_model_kv(cfg, gguf), *_mla_expert_kv(cfg), *_yarn_kv(cfg, source, gguf)]
+
+
+def _model_kv(cfg: ModelConfig, gguf) -> list[tuple[str, str, object]]:
+    """Sizes, norms, rope base, and the router: expert counts, groups, gating."""
+    # llama.cpp asserts n_group_used < n_group when n_group > 1; topk_group == n_group is no grouping
+    grouped = cfg.n_group > 1 and cfg.topk_group < cfg.n_group
+    return [
         ("add_block_count", "block_count", cfg.num_hidden_layers),
         ("add_context_length", "context_length", cfg.max_position_embeddings),
         ("add_embedding_length", "embedding_length", cfg.hidden_size),
@@ -194,16 +197,17 @@ def gguf_metadata(cfg: ModelConfig, source: str = "config.json") -> list[tuple[s
         ("add_layer_norm_rms_eps", "attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps)),
         ("add_expert_count", "expert_count", cfg.n_routed_experts),
         ("add_expert_used_count", "expert_used_count", cfg.num_experts_per_tok),
-    ]
-    # llama.cpp asserts n_group_used < n_group when n_group > 1; topk_group == n_group is no grouping
-    grouped = cfg.n_group > 1 and cfg.topk_group < cfg.n_group
-    kv += [
         ("add_expert_group_count", "expert_group_count", cfg.n_group if grouped else 1),
         ("add_expert_group_used_count", "expert_group_used_count", cfg.topk_group if grouped else 1),
         ("add_expert_gating_func", "expert_gating_func", gguf.ExpertGatingFuncType.SIGMOID),
         ("add_leading_dense_block_count", "leading_dense_block_count", cfg.first_k_dense_replace),
         ("add_vocab_size", "vocab_size", cfg.vocab_size),
     ]
+
+
+def _mla_expert_kv(cfg: ModelConfig) -> list[tuple[str, str, object]]:
+    """MLA's ranks and head sizes, the experts' width and scaling, the rope dimension."""
+    kv: list[tuple[str, str, object]] = []
     if cfg.q_lora_rank is not None:
         kv.append(("add_q_lora_rank", "attention.q_lora_rank", cfg.q_lora_rank))
     kv += [
@@ -219,26 +223,31 @@ def gguf_metadata(cfg: ModelConfig, source: str = "config.json") -> list[tuple[s
     if cfg.norm_topk_prob:
         kv.append(("add_expert_weights_norm", "expert_weights_norm", True))
     kv.append(("add_rope_dimension_count", "rope.dimension_count", cfg.qk_rope_head_dim))
+    return kv
+
+
+def _yarn_kv(cfg: ModelConfig, source: str, gguf) -> list[tuple[str, str, object]]:
+    """YaRN rope scaling, when the config has it (none otherwise)."""
     rs = cfg.rope_scaling or {}
-    kind = rs.get("type", rs.get("rope_type"))
-    if kind == "yarn":
-        mscale, mscale_all = float(rs.get("mscale", 1.0)), float(rs.get("mscale_all_dim", 0.0))
-        if mscale_all and mscale != mscale_all and mscale != 1.0:
-            raise CheckpointError(f"{source}: rope_scaling mscale {mscale} with mscale_all_dim {mscale_all}: "
-                                  f"llama.cpp's deepseek2 assumes mscale 1.0")
-        kv += [
-            ("add_rope_scaling_type", "rope.scaling.type", gguf.RopeScalingType.YARN),
-            ("add_rope_scaling_factor", "rope.scaling.factor", float(rs["factor"])),
-            ("add_rope_scaling_orig_ctx_len", "rope.scaling.original_context_length",
-             int(rs["original_max_position_embeddings"])),
-        ]
-        if "beta_fast" in rs:
-            kv.append(("add_rope_scaling_yarn_beta_fast", "rope.scaling.yarn_beta_fast", float(rs["beta_fast"])))
-        if "beta_slow" in rs:
-            kv.append(("add_rope_scaling_yarn_beta_slow", "rope.scaling.yarn_beta_slow", float(rs["beta_slow"])))
-        if mscale_all:
-            # the converter's legacy encoding: llama.cpp divides this key by 0.1 again
-            kv.append(("add_rope_scaling_yarn_log_mul", "rope.scaling.yarn_log_multiplier", 0.1 * mscale_all))
+    if rs.get("type", rs.get("rope_type")) != "yarn":
+        return []
+    mscale, mscale_all = float(rs.get("mscale", 1.0)), float(rs.get("mscale_all_dim", 0.0))
+    if mscale_all and mscale != mscale_all and mscale != 1.0:
+        raise CheckpointError(f"{source}: rope_scaling mscale {mscale} with mscale_all_dim {mscale_all}: "
+                              f"llama.cpp's deepseek2 assumes mscale 1.0")
+    kv: list[tuple[str, str, object]] = [
+        ("add_rope_scaling_type", "rope.scaling.type", gguf.RopeScalingType.YARN),
+        ("add_rope_scaling_factor", "rope.scaling.factor", float(rs["factor"])),
+        ("add_rope_scaling_orig_ctx_len", "rope.scaling.original_context_length",
+         int(rs["original_max_position_embeddings"])),
+    ]
+    if "beta_fast" in rs:
+        kv.append(("add_rope_scaling_yarn_beta_fast", "rope.scaling.yarn_beta_fast", float(rs["beta_fast"])))
+    if "beta_slow" in rs:
+        kv.append(("add_rope_scaling_yarn_beta_slow", "rope.scaling.yarn_beta_slow", float(rs["beta_slow"])))
+    if mscale_all:
+        # the converter's legacy encoding: llama.cpp divides this key by 0.1 again
+        kv.append(("add_rope_scaling_yarn_log_mul", "rope.scaling.yarn_log_multiplier", 0.1 * mscale_all))
     return kv
 
 
@@ -436,6 +445,40 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *,
     import gguf
 
     folder, out = Path(model_dir), Path(out_path)
+    cfg, source = _checked_config(folder, experts, weights)
+    kv = gguf_metadata(cfg, source)
+    qcfg = QuantConfig.from_config(cfg.raw, source)
+    vocab = _vocab(folder, cfg)
+    tok_cfg = _tokenizer_config(folder)
+
+    with Checkpoint(folder) as ckpt:
+        ex = _Exporter(folder, cfg, ckpt, qcfg, experts, weights)
+        ex.plan()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        w = gguf.GGUFWriter(tmp, ARCH)
+        try:
+            w.add_name(folder.resolve().name or "kimi-k2")
+            for method, _key, value in kv:
+                getattr(w, method)(value)
+            w.add_file_type(_file_type(gguf, ex.tensors))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _add_tokenizer(w, cfg, *vocab, tok_cfg)
+            _add_tensors(w, ex.tensors, progress)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            os.replace(tmp, out)
+        except BaseException:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    return out
+
+
+def _checked_config(folder: Path, experts: str, weights: str) -> tuple[ModelConfig, str]:
+    """The folder's config, after checking the options and that it is a model the GGUF can hold."""
     if experts not in EXPERT_TYPES:
         raise ValueError(f"experts must be one of {EXPERT_TYPES}, got {experts!r}")
     if weights not in WEIGHT_TYPES:
@@ -447,70 +490,53 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *,
     arch = (cfg.raw.get("architectures") or ["DeepseekV3ForCausalLM"])[0]
     if arch not in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"):
         raise CheckpointError(f"{source}: architectures[0] {arch!r} is not a Kimi K2 / DeepSeek-V3 model")
-    kv = gguf_metadata(cfg, source)
-    qcfg = QuantConfig.from_config(cfg.raw, source)
-    tokens, types, merges, tok = _vocab(folder, cfg)
-    tok_cfg = _tokenizer_config(folder)
+    return cfg, source
+
+
+def _file_type(gguf, tensors: list[_Tensor]):
+    """The file's nominal type: its coarsest tensor type."""
+    T = gguf.GGMLQuantizationType
+    qtypes = {t.qtype for t in tensors}
+    return (gguf.LlamaFileType.MOSTLY_Q4_0 if T.Q4_0 in qtypes else
+            gguf.LlamaFileType.MOSTLY_BF16 if T.BF16 in qtypes else gguf.LlamaFileType.ALL_F32)
+
+
+def _add_tokenizer(w, cfg: ModelConfig, tokens, types, merges, tok, tok_cfg: dict) -> None:
+    """The vocabulary as llama.cpp's gpt2 BPE (pre-tokenizer kimi-k2), special ids, the chat template."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("kimi-k2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, name, add in (("bos_token_id", "bos_token", w.add_bos_token_id),
+                           ("eos_token_id", "eos_token", w.add_eos_token_id),
+                           ("pad_token_id", "pad_token", w.add_pad_token_id)):
+        tid = _special_id(cfg, tok, tok_cfg, key, name)
+        if tid is not None:
+            add(tid)
+    unk = tok.special_ids.get("[UNK]")
+    if unk is not None and unk < cfg.vocab_size:
+        w.add_unk_token_id(unk)
+    w.add_add_bos_token(False)            # K2's tokenizer adds no BOS
+    w.add_add_eos_token(False)
     template = getattr(tok, "chat_template", None)
+    if template:
+        w.add_chat_template(template)
 
-    with Checkpoint(folder) as ckpt:
-        ex = _Exporter(folder, cfg, ckpt, qcfg, experts, weights)
-        ex.plan()
-        qtypes = {t.qtype for t in ex.tensors}
-        T = gguf.GGMLQuantizationType
-        ftype = (gguf.LlamaFileType.MOSTLY_Q4_0 if T.Q4_0 in qtypes else
-                 gguf.LlamaFileType.MOSTLY_BF16 if T.BF16 in qtypes else gguf.LlamaFileType.ALL_F32)
-        total = sum(t.nbytes for t in ex.tensors)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        w = gguf.GGUFWriter(tmp, ARCH)
-        try:
-            w.add_name(folder.resolve().name or "kimi-k2")
-            for method, _key, value in kv:
-                getattr(w, method)(value)
-            w.add_file_type(ftype)
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+def _add_tensors(w, tensors: list[_Tensor], progress: Progress | None) -> None:
+    """Queue the tensors on the writer; progress(bytes_written, total_bytes, name) as their data is written."""
+    total = sum(t.nbytes for t in tensors)
+    done = [0]
 
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre("kimi-k2")
-            w.add_token_list(tokens)
-            w.add_token_types(types)
-            w.add_token_merges(merges)
-            for key, name, add in (("bos_token_id", "bos_token", w.add_bos_token_id),
-                                   ("eos_token_id", "eos_token", w.add_eos_token_id),
-                                   ("pad_token_id", "pad_token", w.add_pad_token_id)):
-                tid = _special_id(cfg, tok, tok_cfg, key, name)
-                if tid is not None:
-                    add(tid)
-            unk = tok.special_ids.get("[UNK]")
-            if unk is not None and unk < cfg.vocab_size:
-                w.add_unk_token_id(unk)
-            w.add_add_bos_token(False)            # K2's tokenizer adds no BOS
-            w.add_add_eos_token(False)
-            if template:
-                w.add_chat_template(template)
+    def on_write(n: int, name: str) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total, name)
 
-            done = [0]
-
-            def on_write(n: int, name: str) -> None:
-                done[0] += n
-                if progress is not None:
-                    progress(done[0], total, name)
-
-            for t in ex.tensors:
-                t.on_write = on_write
-                w.add_tensor(t.name, t, raw_shape=t.shape, raw_dtype=t.qtype)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
-            os.replace(tmp, out)
-        except BaseException:
-            w.close()
-            tmp.unlink(missing_ok=True)
-            raise
-    return out
+    for t in tensors:
+        t.on_write = on_write
+        w.add_tensor(t.name, t, raw_shape=t.shape, raw_dtype=t.qtype)
 
 
 # --------------------------------------------------------------------------------------------

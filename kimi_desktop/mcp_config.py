@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["McpConfig", "McpConfigError", "StdioServer", "HttpServer", "default_mcp_path", "load_mcp_config",
            "parse_mcp_config"]

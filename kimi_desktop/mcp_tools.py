@@ -30,9 +30,10 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from kimi_desktop.chat import parse_tool_arguments
 from kimi_desktop.mcp_config import (HttpServer, McpConfig, McpConfigError, StdioServer, default_mcp_path,
@@ -140,7 +141,7 @@ class McpHub:
         self._thread: threading.Thread | None = None
 
     # -- life cycle --------------------------------------------------------------------------------
-    def start(self) -> "McpHub":
+    def start(self) -> McpHub:
         """Connect every server (in parallel); returns when each is connected or has failed."""
         if self._thread is not None or not self._servers:
             return self

@@ -94,7 +94,8 @@ def model_sizes(model_dir: str | os.PathLike) -> ModelSizes:
         disk = sum(f.stat().st_size for f in (*folder.glob("*.safetensors"), *folder.glob("*.kdpack")))
         if geom.layers:
             # the store's own slot arithmetic (policy "none" allocates nothing and reads no data)
-            store = ExpertStore(ckpt, qcfg, dict(geom.n_experts), geom.hidden, geom.moe_inter, policy="none")
+            store = ExpertStore.from_checkpoint(ckpt, qcfg, dict(geom.n_experts), geom.hidden, geom.moe_inter,
+                                                policy="none")
             try:
                 expert_nbytes, slot_bytes, source = store.expert_nbytes, store.slot_bytes, store.source
             finally:
@@ -264,7 +265,8 @@ def plan_memory(sizes: ModelSizes, ram_bytes: int | None = None, ctx: int | None
                         f"cache {gib(sizes.kv_bytes(ctx))} and headroom {gib(headroom_bytes(ram))}, "
                         f"{gib(need)} of {gib(ram)}")
     if ctx < sizes.max_ctx and need - sizes.kv_bytes(ctx) + sizes.kv_bytes(sizes.max_ctx) > ram:
-        warnings.append(f"the model's full context ({sizes.max_ctx} tokens) needs a {gib(sizes.kv_bytes(sizes.max_ctx))} "
+        warnings.append(f"the model's full context ({sizes.max_ctx} tokens) needs a "
+                        f"{gib(sizes.kv_bytes(sizes.max_ctx))} "
                         f"KV cache; this plan keeps {gib(sizes.kv_bytes(ctx))} for {ctx} (--ctx to change)")
     # the disk's speed only when told (sysfs "rotational" is 1 for the virtual disks of many VMs)
     gbps = disk_gbps
@@ -301,7 +303,8 @@ def format_plan(p: Plan) -> str:
         + (f"; the model's full {s.max_ctx}: {gib(s.kv_bytes(s.max_ctx))}" if s.max_ctx > p.ctx else ""),
     ]
     if s.n_experts:
-        lines.append(f"routed experts: {gib(s.expert_bytes)} ({s.n_experts} experts in {_n(s.moe_layers, 'MoE layer')}, "
+        lines.append(f"routed experts: {gib(s.expert_bytes)} "
+                     f"({s.n_experts} experts in {_n(s.moe_layers, 'MoE layer')}, "
                      f"{s.expert_nbytes / 2**20:.2f} MiB each, slot {s.slot_bytes / 2**20:.2f} MiB; from the "
                      f"{s.expert_source})")
         c = p.cache

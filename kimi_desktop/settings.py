@@ -93,7 +93,7 @@ class Settings:
     extra: dict = field(default_factory=dict, repr=False, compare=False)      # unknown keys, kept
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None) -> "Settings":
+    def load(cls, path: str | os.PathLike | None = None) -> Settings:
         """The settings at `path` (default: default_settings_path()); defaults where the file is
         missing, unreadable or corrupt (see the module docstring). Never raises."""
         p = Path(path) if path is not None else default_settings_path()

@@ -19,6 +19,7 @@ import numpy as np
 
 from kimi_desktop.offload.formats import quantize_fp8_block, quantize_int4
 from kimi_desktop.offload.safetensors import TensorSpec, write_checkpoint
+from kimi_desktop.runtime.config import ModelConfig
 from kimi_desktop.runtime.tokenizer_files import write_tokenizer_files
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -136,6 +137,7 @@ def _tensor_shapes(cfg: dict):
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     C, P, V, R = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     Q, I, E = cfg["q_lora_rank"], cfg["moe_intermediate_size"], cfg["n_routed_experts"]
+    is_moe = ModelConfig.from_dict(cfg).is_moe_layer            # the config's rule, stated there only
     yield "model.embed_tokens.weight", (cfg["vocab_size"], D), "embed"
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -148,9 +150,10 @@ def _tensor_shapes(cfg: dict):
         yield p + "self_attn.kv_b_proj", (H * (C + V), R), "linear"
         yield p + "self_attn.o_proj", (D, H * V), "linear"
         yield p + "post_attention_layernorm.weight", (D,), "norm"
-        if i < cfg["first_k_dense_replace"]:
+        if not is_moe(i):
             F = cfg["intermediate_size"]
-            yield from ((p + f"mlp.{n}_proj", s, "linear") for n, s in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))))
+            shapes = (("gate", (F, D)), ("up", (F, D)), ("down", (D, F)))
+            yield from ((p + f"mlp.{n}_proj", s, "linear") for n, s in shapes)
             continue
         yield p + "mlp.gate.weight", (E, D), "gate"
         yield p + "mlp.gate.e_score_correction_bias", (E,), "bias"
@@ -194,10 +197,8 @@ def build_specs(cfg: dict, layout: str, seed: int, routing_skew: float, fast_exp
             add(name, "F32", shape, lambda n=name, s=shape: _routing_bias(seed, n, s[0], routing_skew))
         elif layout == "int4" and ".mlp.experts." in name:
             out, inp = shape
-            if fast_experts:
-                parts = lambda n=name, s=shape: _random_int4(seed, n, s)
-            else:
-                parts = lambda n=name, s=shape: quantize_int4(_float_weight(seed, n, s), 32)
+            def parts(n=name, s=shape):
+                return _random_int4(seed, n, s) if fast_experts else quantize_int4(_float_weight(seed, n, s), 32)
             cache: dict = {}
 
             def part(i, parts=parts, cache=cache):

@@ -30,8 +30,9 @@ the results, and goes on until it answers without tool calls. Qt-free; the app r
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from kimi_desktop.chat import ChatResult, Sampling, count_history_tool_calls
 from kimi_desktop.mcp_tools import ToolResult, parse_arguments

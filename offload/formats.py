@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -28,7 +28,8 @@ from .safetensors import Checkpoint, CheckpointError, TensorInfo
 
 __all__ = [
     "QuantConfig", "PlainLinear", "Fp8BlockLinear", "Int4Linear", "Linear", "load_linear",
-    "quantize_int4", "pack_int4", "unpack_int4", "quantize_fp8_block", "MAX_TEMP_BYTES",
+    "quantize_int4", "pack_int4", "unpack_int4", "int4_nibbles", "dequantize_int4", "dequantize_fp8_block",
+    "quantize_fp8_block", "MAX_TEMP_BYTES",
 ]
 
 MAX_TEMP_BYTES = 16 << 20  # cap on one dequantized fp32 block inside matmul
@@ -49,7 +50,7 @@ class QuantConfig:
     source: str = ""                         # the config file, for error messages
 
     @classmethod
-    def from_config(cls, config: dict, source: str) -> "QuantConfig":
+    def from_config(cls, config: dict, source: str) -> QuantConfig:
         q = config.get("quantization_config")
         if q is None:
             return cls(source=str(source))
@@ -64,7 +65,7 @@ class QuantConfig:
                               "(supported: fp8, compressed-tensors)")
 
     @classmethod
-    def _fp8(cls, q: dict, source: str) -> "QuantConfig":
+    def _fp8(cls, q: dict, source: str) -> QuantConfig:
         def bad(key, expected):
             return CheckpointError(f"{source}: quantization_config.{key}: expected {expected}, "
                                    f"found {q.get(key)!r}")
@@ -78,7 +79,7 @@ class QuantConfig:
         return cls(method="fp8", block_size=(bs[0], bs[1]), source=source)
 
     @classmethod
-    def _compressed_tensors(cls, q: dict, source: str) -> "QuantConfig":
+    def _compressed_tensors(cls, q: dict, source: str) -> QuantConfig:
         def check(key, value, ok, expected):
             if not ok:
                 raise CheckpointError(f"{source}: quantization_config.{key}: expected {expected}, "
@@ -154,6 +155,68 @@ def _match_name(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return pattern == name
+
+
+# --------------------------------------------------------------------------- reading the stored formats
+# The one copy of INT4 unpacking and FP8 block dequantization: the Linear classes below, the kernels'
+# numpy references (runtime/kernels) and the GGUF export use these.
+
+def int4_nibbles(packed: np.ndarray, in_features: int) -> np.ndarray:
+    """int32 [out, ceil(in/8)] -> the stored nibbles u = q + 8, uint8 [out, in] in column order
+    (a view into one temporary)."""
+    # byte k of a little-endian packed row holds columns 2k (low nibble) and 2k+1 (high)
+    b = np.ascontiguousarray(packed.view(np.uint32), dtype="<u4").view(np.uint8)  # [out, 4 ceil(in/8)]
+    u = np.empty(b.shape + (2,), dtype=np.uint8)                                  # [out, bytes, 2]
+    np.bitwise_and(b, 0x0F, out=u[..., 0])
+    np.right_shift(b, 4, out=u[..., 1])
+    return u.reshape(b.shape[0], 2 * b.shape[1])[:, :in_features]
+
+
+def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
+    """int32 [out, ceil(in/8)] -> int8 [out, in] in [-8, 7]."""
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.dtype.itemsize != 4 or packed.shape[1] != math.ceil(in_features / 8):
+        raise ValueError(f"unpack_int4: expected int32 [out, {math.ceil(in_features / 8)}], "
+                         f"got {packed.dtype} {packed.shape}")
+    return int4_nibbles(packed, in_features).view(np.int8) - np.int8(8)
+
+
+def _bf16_f32(a: np.ndarray) -> np.ndarray:
+    """bf16 (ml_dtypes, or its uint16 bits as the kernels hold it) -> float32, exact."""
+    a = np.asarray(a)
+    return (a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a).astype(np.float32)
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, in_features: int, group: int) -> np.ndarray:
+    """W float32 [out, in] = (u - 8) * scale[r, c // group] (exact in float32). packed int32
+    [out, ceil(in/8)], scale bf16 (or uint16 bits) [out, >= ceil(in/group)]."""
+    w = int4_nibbles(packed, in_features).astype(np.float32)     # [out, in], u = q + 8
+    w -= 8.0
+    s = _bf16_f32(scale)                                          # [out, groups]
+    if in_features % group == 0:
+        wg = w.reshape(w.shape[0], in_features // group, group)   # view: [out, groups, group]
+        wg *= s[:, :in_features // group, None]
+    else:
+        w *= np.repeat(s, group, axis=1)[:, :in_features]
+    return w
+
+
+def dequantize_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
+                         row0: int = 0) -> np.ndarray:
+    """W float32 [rows, in] = fp8(weight) * scale_inv[(row0 + r) // b0, c // b1] (multiplied despite
+    the name), for `weight` = rows row0.. of the matrix: float8_e4m3fn (or its uint8 bits) [rows, in],
+    scale_inv float32 [ceil(out/b0), ceil(in/b1)] of the whole matrix."""
+    b0, b1 = block
+    weight = np.asarray(weight)
+    w = (weight.view(ml_dtypes.float8_e4m3fn) if weight.dtype == np.uint8 else weight).astype(np.float32)
+    rows = w.shape[0]
+    if rows == 0:
+        return w
+    s = np.asarray(scale_inv[row0 // b0:(row0 + rows - 1) // b0 + 1], np.float32)   # [row blocks, col blocks]
+    s = np.repeat(s, b0, axis=0)[row0 % b0:row0 % b0 + rows]                       # [rows, col blocks]
+    for j in range(s.shape[1]):                                   # one column block at a time
+        w[:, j * b1:(j + 1) * b1] *= s[:, j:j + 1]
+    return w
 
 
 # --------------------------------------------------------------------------- linear weights
@@ -240,15 +303,7 @@ class Fp8BlockLinear(_Linear):
         return self.weight.nbytes + self.scale_inv.nbytes
 
     def _block(self, r0: int, r1: int) -> np.ndarray:
-        b0, b1 = self.block
-        w = self.weight[r0:r1].astype(np.float32)                 # [rows, in], exact
-        if r1 <= r0:
-            return w
-        s = self.scale_inv[r0 // b0:(r1 - 1) // b0 + 1].astype(np.float32)    # [row blocks, col blocks]
-        s = np.repeat(s, b0, axis=0)[r0 % b0:r0 % b0 + (r1 - r0)]            # [rows, col blocks]
-        for j in range(s.shape[1]):                               # one column block at a time
-            w[:, j * b1:(j + 1) * b1] *= s[:, j:j + 1]
-        return w
+        return dequantize_fp8_block(self.weight[r0:r1], self.scale_inv, self.block, row0=r0)
 
 
 class Int4Linear(_Linear):
@@ -272,20 +327,7 @@ class Int4Linear(_Linear):
         return self.packed.nbytes + self.scale.nbytes
 
     def _block(self, r0: int, r1: int) -> np.ndarray:
-        out_f, in_f = self.shape
-        rows = r1 - r0
-        # Byte k of the little-endian packed row holds columns 2k (low nibble) and 2k+1 (high).
-        b = np.ascontiguousarray(self.packed[r0:r1], dtype="<i4").view(np.uint8)  # [rows, 4*ceil(in/8)]
-        u = np.empty(b.shape + (2,), dtype=np.uint8)                              # [rows, bytes, 2]
-        np.bitwise_and(b, 0x0F, out=u[..., 0])
-        np.right_shift(b, 4, out=u[..., 1])
-        w = u.reshape(rows, b.shape[1] * 2)[:, :in_f].astype(np.float32)     # [rows, in], u = q + 8
-        del u
-        w -= 8.0
-        s = self.scale[r0:r1].astype(np.float32)                  # [rows, in/group]
-        wg = w.reshape(rows, in_f // self.group, self.group)      # view: [rows, groups, group]
-        wg *= s[:, :, None]
-        return w
+        return dequantize_int4(self.packed[r0:r1], self.scale[r0:r1], self.shape[1], self.group)
 
 
 Linear = PlainLinear | Fp8BlockLinear | Int4Linear
@@ -395,17 +437,6 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     u[:, :in_f] = q.astype(np.int32) + 8
     u = u.reshape(out_f, pc, 8) << (4 * np.arange(8, dtype=np.uint32))
     return np.bitwise_or.reduce(u, axis=-1).view(np.int32)
-
-
-def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
-    """int32 [out, ceil(in/8)] -> int8 [out, in] in [-8, 7]."""
-    packed = np.asarray(packed)
-    if packed.ndim != 2 or packed.dtype.itemsize != 4 or packed.shape[1] != math.ceil(in_features / 8):
-        raise ValueError(f"unpack_int4: expected int32 [out, {math.ceil(in_features / 8)}], "
-                         f"got {packed.dtype} {packed.shape}")
-    p = packed.view(np.uint32)  # unsigned: nibble 7 >= 8 sets the int32 sign bit
-    u = (p[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
-    return u.reshape(packed.shape[0], -1)[:, :in_features].astype(np.int8) - np.int8(8)
 
 
 def quantize_int4(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray]:

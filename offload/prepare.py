@@ -35,13 +35,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from .experts import MODULES, PACK_INDEX, PAGE, ExpertGeometry, PartSpec, expert_parts
-from .formats import build_linear
-from .formats import QuantConfig
+from .expert_io import SourceFile, read_exact
+from .expert_layout import MODULES, PACK_INDEX, PAGE, ExpertGeometry, PartSpec, expert_parts, round_up
+from .formats import QuantConfig, build_linear
 from .safetensors import DTYPES, Checkpoint, CheckpointError
 
 __all__ = ["prepare_checkpoint", "open_pack", "PackInfo", "PackError", "ByteFormat", "BYTE_FORMATS",
@@ -73,20 +73,16 @@ BYTE_FORMATS: dict[str, ByteFormat] = {
 }
 
 
-def _round_up(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
 def pack_layout(specs: list[PartSpec]) -> tuple[list[tuple[PartSpec, int]], int]:
     """(spec, offset) in block order, and block_bytes."""
     order = {m: i for i, m in enumerate(MODULES)}
     role_order = {"weight_packed": 0, "weight": 0, "weight_scale": 1, "weight_scale_inv": 1}
     parts, off = [], 0
     for spec in sorted(specs, key=lambda s: (order[s.module], role_order[s.role])):
-        off = _round_up(off, PART_ALIGN)
+        off = round_up(off, PART_ALIGN)
         parts.append((spec, off))
         off += spec.nbytes
-    return parts, _round_up(max(off, 1), PAGE)
+    return parts, round_up(max(off, 1), PAGE)
 
 
 def _all_parts(ckpt: Checkpoint, qcfg: QuantConfig, geom: ExpertGeometry):
@@ -125,15 +121,6 @@ def expert_fingerprint(ckpt: Checkpoint, qcfg: QuantConfig, geom: ExpertGeometry
     return h.hexdigest()
 
 
-def _read_exact(fd: int, mv: memoryview, off: int, path: Path) -> None:
-    got = 0
-    while got < len(mv):
-        n = os.preadv(fd, [mv[got:]], off + got)
-        if n == 0:
-            raise CheckpointError(f"{path}: file is truncated at byte {off + got}")
-        got += n
-
-
 def _check_weight_shapes(ckpt: Checkpoint, geom: ExpertGeometry, key, parts) -> None:
     layer, e = key
     for spec, _ in parts:
@@ -167,78 +154,24 @@ def prepare_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike 
         parts = _all_parts(ckpt, qcfg, geom)
         keys = list(geom.keys())
         layout, block_bytes = pack_layout([p for p, _ in parts[keys[0]]])
-        total = len(keys) * block_bytes
-        free = shutil.disk_usage(out).free
-        if free < total + (64 << 20):
-            raise CheckpointError(f"{out}: the expert pack needs {total / 1e9:.2f} GB, only "
-                                  f"{free / 1e9:.2f} GB free")
+        _check_free_space(out, len(keys) * block_bytes)
         fingerprint = expert_fingerprint(ckpt, qcfg, geom)
-        fds = {}
+        mode = os.stat(parts[keys[0]][0][1].path).st_mode & 0o666 | 0o400   # readable like the checkpoint
         fd_out, tmp_data = tempfile.mkstemp(prefix=f".{PACK_DATA}.", suffix=".tmp", dir=out)
         tmp_index = None
         try:
-            buf = mmap.mmap(-1, block_bytes)                     # zeroed, page-aligned
-            mv = memoryview(buf)
-            block = np.frombuffer(mv, np.uint8)
-            for i, key in enumerate(keys):
-                if any(p.role == "weight_packed" for p, _ in layout):
-                    _check_weight_shapes(ckpt, geom, key, parts[key])
-                by_spec = {(s.module, s.role): info for s, info in parts[key]}
-                for spec, off in layout:
-                    info = by_spec[(spec.module, spec.role)]
-                    if info.path not in fds:
-                        fds[info.path] = os.open(info.path, os.O_RDONLY)
-                    dst = mv[off: off + spec.nbytes]
-                    _read_exact(fds[info.path], dst, info.start, info.path)
-                    if fmt.name != "stored":
-                        enc = np.asarray(fmt.encode(spec, block[off: off + spec.nbytes].copy()), np.uint8)
-                        block[off: off + spec.nbytes] = enc.reshape(-1)
-                done = 0
-                while done < block_bytes:
-                    done += os.write(fd_out, mv[done:])
-                if progress is not None:
-                    progress(i + 1, len(keys))
-            mode = os.stat(parts[keys[0]][0][1].path).st_mode & 0o666
-            os.fchmod(fd_out, mode | 0o400)              # readable like the checkpoint, not 0600
-            os.fsync(fd_out)
-            os.close(fd_out)
-            fd_out = -1
-            index = {
-                "format": FORMAT, "version": VERSION, "byte_format": fmt.name,
-                "data_file": PACK_DATA, "data_bytes": total, "block_bytes": block_bytes,
-                "alignment": PAGE, "part_alignment": PART_ALIGN, "order": "layer-major",
-                "layers": list(geom.layers), "n_experts": {str(k): geom.n_experts[k] for k in geom.layers},
-                "hidden_size": geom.hidden, "moe_intermediate_size": geom.moe_inter,
-                "parts": [{"module": s.module, "role": s.role, "dtype": s.dtype, "shape": list(s.shape),
-                           "offset": off, "nbytes": s.nbytes} for s, off in layout],
-                "source": {"folder": str(model_dir.resolve()), "fingerprint": fingerprint},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            fdi, tmp_index = tempfile.mkstemp(prefix=f".{PACK_INDEX}.", suffix=".tmp", dir=out)
-            os.fchmod(fdi, mode | 0o400)
-            with os.fdopen(fdi, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
             try:
-                os.unlink(out / PACK_INDEX)          # never an old index next to new data
-            except FileNotFoundError:
-                pass
-            os.replace(tmp_data, out / PACK_DATA)
-            os.replace(tmp_index, out / PACK_INDEX)
-            tmp_data = tmp_index = None
-            try:
-                dfd = os.open(out, os.O_RDONLY)
-                os.fsync(dfd)
-                os.close(dfd)
-            except OSError:
-                pass
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-            if fd_out >= 0:
+                _write_blocks(ckpt, geom, fmt, parts, layout, block_bytes, fd_out, progress)
+                os.fchmod(fd_out, mode)                      # not mkstemp's 0600
+                os.fsync(fd_out)
+            finally:
                 os.close(fd_out)
+            index = _index_record(geom, fmt, layout, block_bytes, len(keys) * block_bytes,
+                                  model_dir, fingerprint)
+            tmp_index = _write_index(out, index, mode)
+            _commit(out, tmp_data, tmp_index)
+            tmp_data = tmp_index = None
+        finally:
             for t in (tmp_data, tmp_index):
                 if t is not None:
                     try:
@@ -246,6 +179,87 @@ def prepare_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike 
                     except FileNotFoundError:
                         pass
     return out / PACK_INDEX
+
+
+def _check_free_space(out: Path, total: int) -> None:
+    free = shutil.disk_usage(out).free
+    if free < total + (64 << 20):
+        raise CheckpointError(f"{out}: the expert pack needs {total / 1e9:.2f} GB, only "
+                              f"{free / 1e9:.2f} GB free")
+
+
+def _write_blocks(ckpt: Checkpoint, geom: ExpertGeometry, fmt: ByteFormat, parts, layout, block_bytes: int,
+                  fd_out: int, progress) -> None:
+    """Every expert's block, in index order, read from the checkpoint and written to fd_out."""
+    files: dict[Path, SourceFile] = {}
+    buf = mmap.mmap(-1, block_bytes)                     # zeroed, page-aligned
+    mv = memoryview(buf)
+    block = np.frombuffer(mv, np.uint8)
+    keys = list(geom.keys())
+    try:
+        for i, key in enumerate(keys):
+            if any(p.role == "weight_packed" for p, _ in layout):
+                _check_weight_shapes(ckpt, geom, key, parts[key])
+            by_spec = {(s.module, s.role): info for s, info in parts[key]}
+            for spec, off in layout:
+                info = by_spec[(spec.module, spec.role)]
+                if info.path not in files:
+                    files[info.path] = SourceFile(info.path, direct=False)
+                read_exact(files[info.path], mv[off: off + spec.nbytes], info.start)
+                if fmt.name != "stored":
+                    enc = np.asarray(fmt.encode(spec, block[off: off + spec.nbytes].copy()), np.uint8)
+                    block[off: off + spec.nbytes] = enc.reshape(-1)
+            done = 0
+            while done < block_bytes:
+                done += os.write(fd_out, mv[done:])
+            if progress is not None:
+                progress(i + 1, len(keys))
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _index_record(geom: ExpertGeometry, fmt: ByteFormat, layout, block_bytes: int, total: int,
+                  model_dir: Path, fingerprint: str) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION, "byte_format": fmt.name,
+        "data_file": PACK_DATA, "data_bytes": total, "block_bytes": block_bytes,
+        "alignment": PAGE, "part_alignment": PART_ALIGN, "order": "layer-major",
+        "layers": list(geom.layers), "n_experts": {str(k): geom.n_experts[k] for k in geom.layers},
+        "hidden_size": geom.hidden, "moe_intermediate_size": geom.moe_inter,
+        "parts": [{"module": s.module, "role": s.role, "dtype": s.dtype, "shape": list(s.shape),
+                   "offset": off, "nbytes": s.nbytes} for s, off in layout],
+        "source": {"folder": str(model_dir.resolve()), "fingerprint": fingerprint},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _write_index(out: Path, index: dict, mode: int) -> str:
+    """The index under a temporary name in out (synced); returns that name."""
+    fdi, tmp_index = tempfile.mkstemp(prefix=f".{PACK_INDEX}.", suffix=".tmp", dir=out)
+    os.fchmod(fdi, mode)
+    with os.fdopen(fdi, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp_index
+
+
+def _commit(out: Path, tmp_data: str, tmp_index: str) -> None:
+    """Rename data then index into place (never an old index next to new data); sync the folder."""
+    try:
+        os.unlink(out / PACK_INDEX)
+    except FileNotFoundError:
+        pass
+    os.replace(tmp_data, out / PACK_DATA)
+    os.replace(tmp_index, out / PACK_INDEX)
+    try:
+        dfd = os.open(out, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
 
 
 @dataclass

@@ -29,7 +29,7 @@ Synthetic model (per layer, layers independent; offload-anchors.md §4 has the t
   Cross-layer correlation is not modelled (it matters for prefetch, not for per-layer caching).
   There is no measured K2 trace yet: replace these numbers with a recorded trace when one exists.
 
-Policies: the store's own (offload/experts.py: lru, lfu, least-stale, random) plus belady
+Policies: the store's own (offload/expert_policies.py: lru, lfu, least-stale, random) plus belady
 (optimal offline: evict the expert whose next use is furthest away; the upper bound). Accesses
 are replayed in order, token by token and, within a token, the K experts in order; the experts of
 the current token (and layer) are held, never evicted while the token's other experts load.
@@ -43,11 +43,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .experts import POLICIES, Clock, EvictionPolicy
+from .expert_policies import POLICIES, BeladyPolicy, Clock, EvictionPolicy
 from .safetensors import atomic_file
 
 __all__ = ["Trace", "synthetic_trace", "trace_stats", "simulate", "policy_table", "format_table",
@@ -162,26 +162,14 @@ def trace_stats(trace: Trace, within: int = 8) -> dict:
         counts = member.sum(0)
         g.append(gini(counts))
         uniq.append(np.count_nonzero(counts) / trace.n_experts)
-    f = lambda v: float(np.mean(v)) if v else float("nan")
+
+    def f(v):
+        return float(np.mean(v)) if v else float("nan")
     return {"tokens": T, "layers": L, "top_k": K, "n_experts": trace.n_experts, "reuse_next": f(nxt),
             f"reuse_within_{within}": f(win), "gini": f(g), "unique_share": f(uniq)}
 
 
 # --------------------------------------------------------------------------- simulation
-
-class BeladyPolicy(EvictionPolicy):
-    """Optimal offline eviction (simulation only): the simulator sets next[slot] = index of the
-    slot's expert's next access; the victim is the one used furthest in the future."""
-    name = "belady"
-
-    def __init__(self, n_slots, clock, seed=0):
-        super().__init__(n_slots, clock, seed)
-        self.next = np.zeros(n_slots, np.int64)
-
-    def victim(self, mask):
-        c = np.flatnonzero(mask)
-        return int(c[np.argmax(self.next[c])])
-
 
 SIM_POLICIES: dict[str, type[EvictionPolicy]] = {**POLICIES, "belady": BeladyPolicy}
 _NEVER = np.iinfo(np.int64).max

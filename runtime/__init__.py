@@ -1,7 +1,10 @@
 """The model: config, forward pass, MLA latent KV cache, routing, sampling, tokenizer, chat format."""
 
 from .config import ModelConfig, load_config
-from .model import Model, Session, load_model
+from .dispatch import Options
+from .loading import load_model
+from .model import Model
+from .session import Session
 
 
 def load_tokenizer(path):
@@ -9,4 +12,4 @@ def load_tokenizer(path):
     return _load(path)
 
 
-__all__ = ["ModelConfig", "Model", "Session", "load_config", "load_model", "load_tokenizer"]
+__all__ = ["ModelConfig", "Model", "Options", "Session", "load_config", "load_model", "load_tokenizer"]

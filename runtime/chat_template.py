@@ -258,9 +258,12 @@ def render_k2_thinking(messages: Sequence[Mapping[str, Any]], tools: Sequence[Ma
         else:
             out.append(_body(m))
         out.append("<|im_end|>")
-    if add_generation_prompt:
-        out.append("<|im_assistant|>assistant<|im_middle|>")
-    return "".join(out)
+    return _joined(out, add_generation_prompt)
+
+
+def _joined(out: list[str], add_generation_prompt: bool) -> str:
+    """The rendered turns, then the assistant's opening when a reply is wanted."""
+    return "".join(out) + ("<|im_assistant|>assistant<|im_middle|>" if add_generation_prompt else "")
 
 
 def render_k2_instruct(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,
@@ -277,9 +280,7 @@ def render_k2_instruct(messages: Sequence[Mapping[str, Any]], tools: Sequence[Ma
         else:
             out.append(_body(m))
         out.append("<|im_end|>")
-    if add_generation_prompt:
-        out.append("<|im_assistant|>assistant<|im_middle|>")
-    return "".join(out)
+    return _joined(out, add_generation_prompt)
 
 
 BUILTIN_RENDERERS = {"thinking": render_k2_thinking, "instruct": render_k2_instruct}

@@ -55,8 +55,13 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
+        """Layer i routes to experts (else a dense MLP): DeepSeek-V3's rule, stated here only."""
         return (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
                 and i % self.moe_layer_freq == 0)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -66,7 +71,7 @@ class ModelConfig:
         return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
@@ -97,7 +102,8 @@ class ModelConfig:
                                   f"by n_group {self.n_group}")
         if self.n_routed_experts and not (1 <= self.topk_group <= self.n_group):
             raise CheckpointError(f"{source}: topk_group {self.topk_group} must be in 1..n_group {self.n_group}")
-        if self.n_routed_experts and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+        per_group = self.n_routed_experts // max(self.n_group, 1)
+        if self.n_routed_experts and self.num_experts_per_tok > self.topk_group * per_group:
             raise CheckpointError(f"{source}: num_experts_per_tok {self.num_experts_per_tok} exceeds the experts "
                                   f"in topk_group groups")
         if self.qk_rope_head_dim % 2:

@@ -240,8 +240,10 @@ class K2OutputParser:
 
     def _marker(self, kind: str) -> None:
         st = self._state
+        if st == CALL_ID and kind in (END, SECTION_BEGIN, CALL_BEGIN, CALL_END, SECTION_END):
+            self._abandon_call_id()          # a call header cut short by another call marker or the end
         if kind == END:
-            self._close()
+            self._state = DONE
         elif kind == THINK:
             if st == START:
                 self._state = REASONING if self.reasoning_enabled else CONTENT
@@ -249,12 +251,8 @@ class K2OutputParser:
             if st in (START, REASONING):
                 self._state = CONTENT
         elif kind == SECTION_BEGIN:
-            if st == CALL_ID:
-                self._abandon_call_id()
             self._state = SECTION
         elif kind == CALL_BEGIN:
-            if st == CALL_ID:
-                self._abandon_call_id()
             self._call_id = ""
             self._state = CALL_ID            # outside a section this opens one implicitly
         elif kind == ARG_BEGIN:
@@ -262,13 +260,9 @@ class K2OutputParser:
                 self._start_call()
                 self._state = CALL_ARGS
         elif kind == CALL_END:
-            if st == CALL_ID:
-                self._abandon_call_id()
             if st in (CALL_ID, CALL_ARGS):
                 self._state = SECTION
         elif kind == SECTION_END:
-            if st == CALL_ID:
-                self._abandon_call_id()
             if st in (SECTION, CALL_ID, CALL_ARGS):
                 self._state = CONTENT            # text after the section is content
 

@@ -1,23 +1,27 @@
-"""Time per stage of the forward pass, for `kimi-desktop bench` (off unless enabled)."""
+"""Time per stage of the forward pass, for `kimi-desktop bench`: pass a StageTimer to load_model."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+
+_NOTHING = nullcontext()
 
 
 class StageTimer:
-    def __init__(self):
-        self.enabled = False
+    """Seconds and calls per named stage; a disabled timer (the model's default) costs one branch."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
-    @contextmanager
     def stage(self, name: str):
-        if not self.enabled:
-            yield
-            return
+        return self._timed(name) if self.enabled else _NOTHING
+
+    @contextmanager
+    def _timed(self, name: str):
         t = time.perf_counter()
         try:
             yield
@@ -31,6 +35,3 @@ class StageTimer:
 
     def snapshot(self) -> dict[str, float]:
         return dict(self.seconds)
-
-
-timer = StageTimer()

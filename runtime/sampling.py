@@ -12,8 +12,10 @@ Order of operations for one step (the vLLM / Hugging Face order):
      ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``;
 2. an allowed-token mask (constraints; `tool_choice`, JSON): disallowed tokens get -inf;
 3. temperature (0 = greedy: the highest processed logit wins, ties to the lowest id);
-4. top_k, then top_p (nucleus over the tempered distribution, the token that crosses top_p is kept),
-   then min_p (keep p >= min_p * max p). Each keeps at least one token.
+4. top_k, then top_p (nucleus over the tempered distribution, most likely first: tokens are kept up to
+   and including the first whose cumulative probability reaches top_p - 1e-12, so a mass that reaches
+   top_p exactly but rounds a hair below it keeps no extra token), then min_p (keep p >= min_p * max p).
+   Each keeps at least one token.
 
 Logprobs (OpenAI's `logprobs` / `top_logprobs`) are reported from the model's own distribution as the
 request shapes it: log-softmax of the logits after step 1 (penalties) at temperature 1, before the
@@ -33,7 +35,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,11 +46,42 @@ class NoAllowedToken(RuntimeError):
     """Every token is masked or rejected: the constraint leaves nothing to sample."""
 
 
-@dataclass(frozen=True)
+class SamplingError(ValueError):
+    """An impossible setting; `field` names it (the chat API reports it as the request's `param`)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_number(name: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+    """SamplingError unless v is a finite number in [lo, hi] ((lo, hi] with lo_open)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+        raise SamplingError(f"{name} must be a number, got {v!r}", name)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise SamplingError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}", name)
+    if hi is not None and v > hi:
+        raise SamplingError(f"{name} must be <= {hi}, got {v}", name)
+
+
+def check_integer(name: str, v, lo: int, hi: int | None = None, optional: bool = True) -> None:
+    """SamplingError unless v is an integer in [lo, hi] (or None, when optional)."""
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise SamplingError(f"{name} must be an integer, got {v!r}", name)
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise SamplingError(f"{name} must be {rng}, got {v}", name)
+
+
+@dataclass
 class SamplerConfig:
+    """The sampler's settings, named as in OpenAI's request (top_k, min_p, repetition_penalty and
+    repetition_last_n as in llama.cpp / vLLM); the chat API's `Sampling` extends it."""
     temperature: float = 1.0
-    top_k: int = 0                      # 0 = off
     top_p: float = 1.0                  # 1 = off
+    top_k: int = 0                      # 0 = off
     min_p: float = 0.0                  # 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -57,27 +90,17 @@ class SamplerConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        """ValueError naming the field for an impossible setting."""
-        def num(name, v):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
-            num(name, getattr(self, name))
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("top_k", "repetition_last_n"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        """SamplingError naming the first impossible field."""
+        check_number("temperature", self.temperature, 0.0)
+        check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_number("min_p", self.min_p, 0.0, 1.0)
+        check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_number("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
+        check_integer("top_k", self.top_k, 0, optional=False)
+        check_integer("repetition_last_n", self.repetition_last_n, 0, optional=False)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise SamplingError(f"seed must be an integer, got {self.seed!r}", "seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +241,8 @@ class Sampler:
     >>> d = s.sample(logits)          # a Draw; s.record(d.token) is done by sample()
     """
 
-    def __init__(self, cfg: SamplerConfig = SamplerConfig(), prompt_ids: Sequence[int] = ()):
+    def __init__(self, cfg: SamplerConfig | None = None, prompt_ids: Sequence[int] = ()):
+        cfg = cfg if cfg is not None else SamplerConfig()
         cfg.validate()
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
@@ -284,21 +308,10 @@ class Sampler:
         chosen token's). Raises NoAllowedToken when nothing passes.
         """
         x = self.process(logits)
-        tok = None
-        if accept is None and self.cfg.temperature > 0:
-            # plain draw: inverse CDF with one uniform (cheaper than Gumbel keys over the vocabulary)
-            p = distribution(x, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.cfg.min_p,
-                             allowed)
-            cdf = np.cumsum(p)
-            u = self.rng.random() * cdf[-1]
-            tok = int(min(np.searchsorted(cdf, u, side="right"), p.size - 1))
-            while p[tok] == 0:       # float edge: land on a zero-probability slot -> step back
-                tok -= 1
+        if accept is None:
+            tok = self._draw(x, allowed)
         else:
-            for t in self.candidates(x, allowed):
-                if accept is None or accept(t):
-                    tok = t
-                    break
+            tok = next((t for t in self.candidates(x, allowed) if accept(t)), None)
             if tok is None:
                 raise NoAllowedToken("no token satisfies the constraint")
         lp, top = (None, ())
@@ -307,6 +320,20 @@ class Sampler:
         if record:
             self.record(tok)
         return Draw(tok, lp, top)
+
+    def _draw(self, x: np.ndarray, allowed: np.ndarray | None) -> int:
+        """A token with no lazy test: greedy (the first candidate), or the inverse CDF at one uniform
+        (cheaper than Gumbel keys over the vocabulary)."""
+        c = self.cfg
+        if c.temperature == 0:
+            return greedy(x if allowed is None else np.where(allowed, x, NEG_INF))
+        p = distribution(x, c.temperature, c.top_k, c.top_p, c.min_p, allowed)
+        cdf = np.cumsum(p)
+        u = self.rng.random() * cdf[-1]
+        tok = int(min(np.searchsorted(cdf, u, side="right"), p.size - 1))
+        while p[tok] == 0:           # float edge: land on a zero-probability slot -> step back
+            tok -= 1
+        return tok
 
     def forced(self, logits: np.ndarray, token: int, logprobs: int | None = None) -> Draw:
         """Record a token chosen by a constraint (not drawn); logprobs as for sample()."""
@@ -349,10 +376,3 @@ def _descending(x: np.ndarray, first: int = 64) -> Iterator[int]:
             return
         yield int(i)
 
-
-def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 repetition_penalty: float = 1.0, repetition_last_n: int = 0, seed: int | None = None,
-                 prompt_ids: Sequence[int] = ()) -> Sampler:
-    return Sampler(SamplerConfig(temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty,
-                                 repetition_penalty, repetition_last_n, seed), prompt_ids)

@@ -90,7 +90,7 @@ def load_reference(folder: Path):
 
 
 @torch.no_grad()
-def reference_logits(model, ids) -> "torch.Tensor":
+def reference_logits(model, ids) -> torch.Tensor:
     return model(torch.tensor([list(ids)])).logits[0].to(torch.float32).numpy()
 
 

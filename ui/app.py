@@ -6,8 +6,10 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from importlib import resources
 
 from PySide6.QtCore import QObject, Qt, QTimer
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from kimi_desktop.conversations import ConversationStore, SchemaError
@@ -17,7 +19,7 @@ from .controller import Controller
 from .main_window import MainWindow
 from .theme import DARK, LIGHT, apply_theme, system_theme
 
-__all__ = ["build_window", "run"]
+__all__ = ["build_window", "run", "window_icon"]
 
 
 def build_window(app: QApplication, db_path=None, engine=None, model_label: str = "", settings=None) -> MainWindow:
@@ -64,12 +66,18 @@ class UiThreadGc(QObject):
                 return
 
 
+def window_icon() -> QIcon:
+    """The app's icon (packaging/icon/kimi-desktop.svg, shipped in the package as ui/icons/)."""
+    return QIcon(str(resources.files(__package__) / "icons" / "kimi-desktop.svg"))
+
+
 def run(demo: bool = False, db_path=None, argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
     app._gc = UiThreadGc(app)
     app.setApplicationName("kimi-desktop")
     app.setApplicationDisplayName("Kimi Desktop")
+    app.setWindowIcon(window_icon())
     from kimi_desktop.settings import Settings
     settings = Settings.load()
     try:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
 
@@ -95,7 +96,7 @@ class Controller(QObject):
         self.messages: list[Message] = []
         self.turn: _Turn | None = None
         self.tool_provider: Callable[[], list[dict]] | None = None
-        self.on_tool_calls: Callable[["Controller", int], None] | None = None
+        self.on_tool_calls: Callable[[Controller, int], None] | None = None
         self.live = LiveStats()
         self.loader: BackgroundCall | None = None
         self._overflow_retry: Callable[[str], Any] | None = None
@@ -301,17 +302,17 @@ class Controller(QObject):
             return open_engine(kind, path, **opts)
         return self._load(load, path, label or Path(path).name)
 
-    def load_demo(self, cache_dir: str | None = None) -> BackgroundCall:
-        """The built-in demo model (made on first use), on a worker thread."""
+    def load_demo(self) -> BackgroundCall:
+        """The built-in demo model (shipped in the package), on a worker thread."""
         from kimi_desktop.demo import demo_model_path
         from kimi_desktop.engines import open_engine
 
         def load(progress):
             progress("preparing the demo model…")
-            path = demo_model_path(cache_dir)
+            path = demo_model_path()
             progress("loading the demo model (the first start compiles the kernels: a minute or two)…")
             return open_engine("native", path)
-        return self._load(load, "the demo model", "demo (tiny random K2)")
+        return self._load(load, "the demo model", "demo (tiny trained K2)")
 
     def cancel_load(self) -> None:
         """Stop waiting for the model being loaded (it is closed when its load finishes)."""

@@ -42,6 +42,9 @@ class ConversationPanel(QWidget):
         lay.addWidget(self.note)
         self.list = QListWidget()
         self.list.setObjectName("conversationList")
+        # long titles are elided (the full one is the tooltip), never scrolled sideways
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.list.setTextElideMode(Qt.ElideRight)
         self.list.setContextMenuPolicy(Qt.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._menu)
         self.list.itemActivated.connect(self._activated)

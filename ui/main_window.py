@@ -54,6 +54,23 @@ class MessageBox(QPlainTextEdit):
         self.setFixedHeight(lines * line + 14)
 
 
+def _tool_button(text: str, on_click, tip: str | None = None) -> QToolButton:
+    b = QToolButton()
+    b.setText(text)
+    if tip:
+        b.setToolTip(tip)
+    b.clicked.connect(on_click)
+    return b
+
+
+def _padded(widget: QWidget, side: int) -> QHBoxLayout:
+    """`widget` in a row with `side` pixels of margin left and right."""
+    row = QHBoxLayout()
+    row.setContentsMargins(side, 0, side, 0)
+    row.addWidget(widget)
+    return row
+
+
 class MainWindow(QMainWindow):
     mcpServersChanged = Signal()        # mcp.json was saved: the app restarts its tool servers
 
@@ -87,6 +104,27 @@ class MainWindow(QMainWindow):
         col = QVBoxLayout(right)
         col.setContentsMargins(0, 0, 0, 8)
         col.setSpacing(6)
+        col.addLayout(self._build_header())
+        self.api_panel = LocalApiPanel(self.local_api)
+        self.api_panel.hide()
+        self.local_api.action.toggled.connect(lambda on: on and self.api_panel.show())
+        col.addLayout(_padded(self.api_panel, 12))
+        self.chat = ChatView(self.theme)
+        col.addWidget(self.chat, 1)
+        col.addWidget(self._build_notice())
+        col.addLayout(_padded(self._build_composer(), 16))
+        split = QSplitter()
+        split.addWidget(self.sidebar)
+        split.addWidget(right)
+        split.setStretchFactor(1, 1)
+        split.setSizes([250, 930])
+        self.setCentralWidget(split)
+        self.status = StatusPanel(self.theme)
+        self.statusBar().addPermanentWidget(self.status, 1)
+        self.statusBar().setSizeGripEnabled(False)
+
+    def _build_header(self) -> QHBoxLayout:
+        """Title, model-load progress, then the model menu, Local API, Settings and Export buttons."""
         header = QHBoxLayout()
         header.setContentsMargins(12, 8, 12, 0)
         self.title = QLabel("New chat")
@@ -97,14 +135,25 @@ class MainWindow(QMainWindow):
         self.progress.setFixedWidth(140)
         self.progress_label = QLabel()
         self.progress_label.setObjectName("muted")
-        self.cancel_load = QToolButton()
-        self.cancel_load.setText("Cancel")
-        self.cancel_load.clicked.connect(self.c.cancel_load)
+        self.cancel_load = _tool_button("Cancel", self.c.cancel_load)
         for w in (self.progress_label, self.progress, self.cancel_load):
             header.addWidget(w)
             w.hide()
         self.model_button = QToolButton()
         self.model_button.setPopupMode(QToolButton.InstantPopup)
+        self.model_button.setMenu(self._build_model_menu())
+        header.addWidget(self.model_button)
+        self.api_button = _tool_button("Local API", self.show_local_api, "The local API: URL, key, start and stop")
+        self.local_api.changed.connect(lambda: self.api_button.setText(
+            "Local API · on" if self.local_api.server is not None else "Local API"))
+        header.addWidget(self.api_button)
+        self.settings_button = _tool_button("Settings…", self.edit_settings)
+        header.addWidget(self.settings_button)
+        self.export_button = _tool_button("Export…", lambda: self.export_conversation(None))
+        header.addWidget(self.export_button)
+        return header
+
+    def _build_model_menu(self) -> QMenu:
         self.model_menu = QMenu(self)
         self.model_menu.addAction("Open a model…", self.open_model)
         self.model_menu.addAction("Built-in demo model", self.c.load_demo)
@@ -115,33 +164,10 @@ class MainWindow(QMainWindow):
         self.model_menu.addAction(self.local_api.action)
         self.model_menu.addSeparator()
         self.model_menu.addAction("MCP servers…", self.edit_mcp_servers)
-        self.model_button.setMenu(self.model_menu)
-        header.addWidget(self.model_button)
-        self.api_button = QToolButton()
-        self.api_button.setText("Local API")
-        self.api_button.setToolTip("The local API: URL, key, start and stop")
-        self.api_button.clicked.connect(self.show_local_api)
-        self.local_api.changed.connect(lambda: self.api_button.setText(
-            "Local API · on" if self.local_api.server is not None else "Local API"))
-        header.addWidget(self.api_button)
-        self.settings_button = QToolButton()
-        self.settings_button.setText("Settings…")
-        self.settings_button.clicked.connect(self.edit_settings)
-        header.addWidget(self.settings_button)
-        self.export_button = QToolButton()
-        self.export_button.setText("Export…")
-        self.export_button.clicked.connect(lambda: self.export_conversation(None))
-        header.addWidget(self.export_button)
-        col.addLayout(header)
-        self.api_panel = LocalApiPanel(self.local_api)
-        self.api_panel.hide()
-        self.local_api.action.toggled.connect(lambda on: on and self.api_panel.show())
-        panel_row = QHBoxLayout()
-        panel_row.setContentsMargins(12, 0, 12, 0)
-        panel_row.addWidget(self.api_panel)
-        col.addLayout(panel_row)
-        self.chat = ChatView(self.theme)
-        col.addWidget(self.chat, 1)
+        return self.model_menu
+
+    def _build_notice(self) -> QLabel:
+        """A one-line notice under the chat that hides itself (show_notice)."""
         self.notice = QLabel()
         self.notice.setObjectName("muted")
         self.notice.setWordWrap(True)
@@ -150,15 +176,16 @@ class MainWindow(QMainWindow):
         self._notice_timer = QTimer(self)
         self._notice_timer.setSingleShot(True)
         self._notice_timer.timeout.connect(self.notice.hide)
-        col.addWidget(self.notice)
+        return self.notice
+
+    def _build_composer(self) -> QFrame:
+        """Attach button, the attached files' names over the message box, Send."""
         composer = QFrame()
         composer.setObjectName("composer")
         row = QHBoxLayout(composer)
         row.setContentsMargins(8, 6, 8, 6)
-        self.attach_button = QToolButton()
-        self.attach_button.setText("Attach")
-        self.attach_button.setToolTip("Attach text files: their text goes into the message, with the file name")
-        self.attach_button.clicked.connect(self.attach_files)
+        self.attach_button = _tool_button("Attach", self.attach_files,
+                                          "Attach text files: their text goes into the message, with the file name")
         row.addWidget(self.attach_button, 0, Qt.AlignBottom)
         inner = QVBoxLayout()
         self.attached = QLabel()
@@ -172,19 +199,7 @@ class MainWindow(QMainWindow):
         self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.send_or_stop)
         row.addWidget(self.send_button, 0, Qt.AlignBottom)
-        wrap = QHBoxLayout()
-        wrap.setContentsMargins(16, 0, 16, 0)
-        wrap.addWidget(composer)
-        col.addLayout(wrap)
-        split = QSplitter()
-        split.addWidget(self.sidebar)
-        split.addWidget(right)
-        split.setStretchFactor(1, 1)
-        split.setSizes([250, 930])
-        self.setCentralWidget(split)
-        self.status = StatusPanel(self.theme)
-        self.statusBar().addPermanentWidget(self.status, 1)
-        self.statusBar().setSizeGripEnabled(False)
+        return composer
 
     def _connect(self) -> None:
         c = self.c

@@ -46,10 +46,10 @@ def _formatter(style: str) -> HtmlFormatter:
 # Pygments is pure Python (a 30-line block takes ~20 ms, a language's first use ~0.1-1 s to compile
 # its regexes): it runs on a background thread, never in the UI thread. A block renders plain until
 # its highlighted HTML is ready (RenderedMarkdown.pending asks the caller to render again).
-_cache: "OrderedDict[tuple, str | None]" = OrderedDict()
+_cache: OrderedDict[tuple, str | None] = OrderedDict()
 _queued: set[tuple] = set()
 _lock = threading.Lock()
-_jobs: "queue.Queue[tuple]" = queue.Queue()
+_jobs: queue.Queue[tuple] = queue.Queue()
 _worker: threading.Thread | None = None
 CACHE_BLOCKS = 512
 COMMON_LANGUAGES = ("python", "bash", "json", "javascript", "c", "cpp", "rust")

@@ -17,8 +17,8 @@ config.json, an existing .gguf, an http(s) URL) and names what is wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
                                QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
@@ -60,41 +60,9 @@ class ModelDialog(QDialog):
         self.found = list(found)
         lay.addWidget(QLabel("K2 models in the Hugging Face cache:" if self.found else
                              "No K2 models in the Hugging Face cache; pick a folder, a file or an endpoint."))
-        self.found_list = QListWidget()
-        for m in self.found:
-            item = QListWidgetItem(f"{m.repo_id}  ({'checkpoint' if m.kind == 'native' else 'GGUF'}, "
-                                   f"{_gb(m.size_bytes)}, {m.revision[:8]})")
-            item.setToolTip(str(m.path))
-            self.found_list.addItem(item)
-        self.found_list.setVisible(bool(self.found))
-        self.found_list.setMaximumHeight(120)
-        self.found_list.currentRowChanged.connect(self._pick_found)
-        lay.addWidget(self.found_list)
-
-        self.tabs = QTabWidget()
-        self.folder = QLineEdit()
-        self.folder.setPlaceholderText("a checkpoint folder (config.json + safetensors)")
-        self.gguf = QLineEdit()
-        self.gguf.setPlaceholderText("a .gguf file (the first part of a split one)")
-        self.tabs.addTab(self._path_tab(self.folder, self._browse_folder), "Checkpoint folder")
-        self.tabs.addTab(self._path_tab(self.gguf, self._browse_gguf), "GGUF file")
-        self.tabs.addTab(self._remote_tab(), "Remote endpoint")
-        lay.addWidget(self.tabs)
-
-        budget = QHBoxLayout()
-        self.auto_budget = QCheckBox("Size the expert cache to this machine")
-        self.auto_budget.setChecked(True)
-        self.budget = QDoubleSpinBox()
-        self.budget.setRange(0.0, 4096.0)
-        self.budget.setDecimals(1)
-        self.budget.setSingleStep(1.0)
-        self.budget.setSuffix(" GiB")
-        self.budget.setSpecialValueText("0 (the OS page cache)")
-        self.budget.setEnabled(False)
-        budget.addWidget(self.auto_budget)
-        budget.addWidget(QLabel("Expert cache:"))
-        budget.addWidget(self.budget)
-        lay.addLayout(budget)
+        lay.addWidget(self._found_list())
+        lay.addWidget(self._tabs())
+        lay.addLayout(self._budget_row())
 
         self.plan_view = monospace_text(read_only=True, min_size=(640, 200))
         lay.addWidget(self.plan_view)
@@ -116,6 +84,47 @@ class ModelDialog(QDialog):
         self.refresh()
 
     # -- building -------------------------------------------------------------------------------------
+    def _found_list(self) -> QListWidget:
+        """The models found in the cache; picking one fills its tab (hidden when there are none)."""
+        self.found_list = QListWidget()
+        for m in self.found:
+            item = QListWidgetItem(f"{m.repo_id}  ({'checkpoint' if m.kind == 'native' else 'GGUF'}, "
+                                   f"{_gb(m.size_bytes)}, {m.revision[:8]})")
+            item.setToolTip(str(m.path))
+            self.found_list.addItem(item)
+        self.found_list.setVisible(bool(self.found))
+        self.found_list.setMaximumHeight(120)
+        self.found_list.currentRowChanged.connect(self._pick_found)
+        return self.found_list
+
+    def _tabs(self) -> QTabWidget:
+        self.tabs = QTabWidget()
+        self.folder = QLineEdit()
+        self.folder.setPlaceholderText("a checkpoint folder (config.json + safetensors)")
+        self.gguf = QLineEdit()
+        self.gguf.setPlaceholderText("a .gguf file (the first part of a split one)")
+        self.tabs.addTab(self._path_tab(self.folder, self._browse_folder), "Checkpoint folder")
+        self.tabs.addTab(self._path_tab(self.gguf, self._browse_gguf), "GGUF file")
+        self.tabs.addTab(self._remote_tab(), "Remote endpoint")
+        return self.tabs
+
+    def _budget_row(self) -> QHBoxLayout:
+        """The expert-cache budget: sized to this machine (checked), or GiB from the spin box."""
+        budget = QHBoxLayout()
+        self.auto_budget = QCheckBox("Size the expert cache to this machine")
+        self.auto_budget.setChecked(True)
+        self.budget = QDoubleSpinBox()
+        self.budget.setRange(0.0, 4096.0)
+        self.budget.setDecimals(1)
+        self.budget.setSingleStep(1.0)
+        self.budget.setSuffix(" GiB")
+        self.budget.setSpecialValueText("0 (the OS page cache)")
+        self.budget.setEnabled(False)
+        budget.addWidget(self.auto_budget)
+        budget.addWidget(QLabel("Expert cache:"))
+        budget.addWidget(self.budget)
+        return budget
+
     def _path_tab(self, edit: QLineEdit, browse) -> QWidget:
         w = QWidget()
         row = QHBoxLayout(w)

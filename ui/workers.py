@@ -7,7 +7,8 @@ from __future__ import annotations
 import sys
 import threading
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal
 
@@ -49,7 +50,7 @@ class StreamWorker:
         self._bridge.pending.connect(on_pending, Qt.QueuedConnection)
         self.thread = threading.Thread(target=self._run, name="kimi-ui-stream", daemon=True)
 
-    def start(self) -> "StreamWorker":
+    def start(self) -> StreamWorker:
         self.thread.start()
         return self
 
@@ -94,7 +95,7 @@ class BackgroundCall(QObject):
         self.cancelled = False
         self.thread = threading.Thread(target=self._run, name="kimi-ui-call", daemon=True)
 
-    def start(self) -> "BackgroundCall":
+    def start(self) -> BackgroundCall:
         self.thread.start()
         return self
 
@@ -111,7 +112,8 @@ def _problem(e: BaseException) -> str:
     if isinstance(e, MemoryError):
         return "out of memory (a smaller expert cache or context leaves more)"
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0] if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text.splitlines()[0]}"
+    first = text.splitlines()[0]
+    return first if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {first}"
 
 
 class Poller(QObject):
@@ -126,7 +128,7 @@ class Poller(QObject):
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kimi-ui-status", daemon=True)
 
-    def start(self) -> "Poller":
+    def start(self) -> Poller:
         self.thread.start()
         return self
 

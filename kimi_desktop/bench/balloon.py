@@ -37,7 +37,7 @@ class Balloon:
         self.proc: subprocess.Popen | None = None
         self.locked = False
 
-    def __enter__(self) -> "Balloon":
+    def __enter__(self) -> Balloon:
         if self.nbytes <= 0:
             return self
         self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(self.nbytes)], stdin=subprocess.PIPE,

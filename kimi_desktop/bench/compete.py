@@ -24,7 +24,7 @@ class Competitors:
         self.n = n
         self.procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "Competitors":
+    def __enter__(self) -> Competitors:
         for _ in range(self.n):
             self.procs.append(subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.DEVNULL,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

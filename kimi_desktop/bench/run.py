@@ -160,14 +160,10 @@ def policy_tables(model_dir: Path, args) -> dict:
     import numpy as np
 
     from kimi_desktop.offload.traces import TraceRecorder, policy_table, synthetic_trace, trace_stats
-    from kimi_desktop.runtime import load_model
-    from kimi_desktop.runtime.model import MoE
+    from kimi_desktop.runtime import load_config, load_model
 
-    model = load_model(model_dir)
-    rec = TraceRecorder(model.cfg.n_routed_experts, {"source": str(model_dir)})
-    for layer in model.layers:
-        if isinstance(layer.mlp, MoE):
-            layer.mlp.recorder = rec
+    rec = TraceRecorder(load_config(model_dir).n_routed_experts, {"source": str(model_dir)})
+    model = load_model(model_dir, recorder=rec)
     s = model.session()
     logits = s.feed(np.random.default_rng(1).integers(300, model.cfg.vocab_size - 256, args.trace_prompt).tolist())
     for _ in range(args.trace_decode):                   # greedy decode: the model's own next tokens
@@ -187,7 +183,8 @@ def policy_text(tables: dict) -> str:
     for name, t in tables.items():
         st = t["stats"]
         lines.append(f"{name}: next-token reuse {st.get('reuse_next', float('nan')):.2f}, "
-                     f"reuse within 8 {st.get('reuse_within_8', float('nan')):.2f}, gini {st.get('gini', float('nan')):.2f}")
+                     f"reuse within 8 {st.get('reuse_within_8', float('nan')):.2f}, "
+                     f"gini {st.get('gini', float('nan')):.2f}")
         lines.append("| policy | " + " | ".join(f"{k} slots" for k in next(iter(t["hit_rate"].values()))) + " |")
         lines.append("|---|" + "---:|" * len(next(iter(t["hit_rate"].values()))))
         for pol, row in t["hit_rate"].items():
@@ -244,7 +241,8 @@ def table(results: dict) -> str:
                 rows.append(f"| {regime} | {engine} | error: {run['error']} | | | | |")
                 continue
             hit = run.get("expert_cache", {}).get("hit_rate")
-            rows.append(f"| {regime} | {engine} | {_spread(run, 'prefill_tok_s', 1)} | {_spread(run, 'decode_tok_s', 2)} | "
+            rows.append(f"| {regime} | {engine} | {_spread(run, 'prefill_tok_s', 1)} | "
+                        f"{_spread(run, 'decode_tok_s', 2)} | "
                         f"{run['decode_read_per_token'] / 1e9:.2f} GB | "
                         f"{'' if hit is None else f'{hit:.0%}'} | {run['peak_rss'] / 2**30:.1f} GiB |")
         ratio = r["ratios"]
@@ -274,8 +272,9 @@ def table(results: dict) -> str:
         amp = r.get("runs", {}).get("native", {}).get("decode_expert_reads")
         if amp and amp.get("ratio") is not None:
             rows.append(f"Decode expert reads ({regime}, native): {amp['read_bytes'] / 1e9:.2f} GB read for "
-                        f"{amp['needed_bytes'] / 1e9:.2f} GB of experts needed and not resident = {amp['ratio']:.2f}x "
-                        f"({amp['misses']} misses, {amp['prefetch_used']} of {amp['prefetch_issued']} prefetches used).")
+                        f"{amp['needed_bytes'] / 1e9:.2f} GB of experts needed and not resident = "
+                        f"{amp['ratio']:.2f}x ({amp['misses']} misses, "
+                        f"{amp['prefetch_used']} of {amp['prefetch_issued']} prefetches used).")
     rows.append(f"Ceilings: DRAM read {c['dram_read_gbps']:.1f} GB/s (numpy, 1 thread), O_DIRECT disk read "
                 f"{(c.get('odirect_read_gbps') or float('nan')):.2f} GB/s, fp32 GEMM "
                 f"{c['fp32_gemm_gflops']:.0f} GFLOP/s.")
@@ -309,7 +308,8 @@ def main(args) -> int:
         print(f"exporting {gguf} ...", flush=True)
         export_gguf(model_dir, gguf)
     results = {"model": str(model_dir), "gguf": str(gguf) if gguf else None, "threads": args.threads,
-               "compete": args.compete, "prompt_len": args.prompt_len, "decode": args.decode, "bytes": model_bytes(model_dir),
+               "compete": args.compete, "prompt_len": args.prompt_len, "decode": args.decode,
+               "bytes": model_bytes(model_dir),
                "machine": {"cpus": psutil.cpu_count(), "ram": psutil.virtual_memory().total},
                "prefill_gflop": prefill_gflop(model_dir, args.prompt_len),
                "ceilings": measure_ceilings(model_dir, args), "regimes": {}}

@@ -56,7 +56,7 @@ def decode_read_amplification(before: dict, after: dict, expert_nbytes: int) -> 
 
 def run_native(args) -> dict:
     from kimi_desktop.runtime import load_model
-    from kimi_desktop.runtime.profile import timer
+    from kimi_desktop.runtime.profile import StageTimer
 
     budget = None if args.expert_budget_gb is None else int(args.expert_budget_gb * (1 << 30))
     choice = None
@@ -64,8 +64,9 @@ def run_native(args) -> dict:
         from kimi_desktop.planner import choose_expert_cache
         choice = choose_expert_cache(args.model, None)              # as NativeEngine with no flags
         budget, args.direct_io = choice.budget_bytes, choice.direct_io
+    timer = StageTimer(enabled=False)           # on for the timed part only
     model = load_model(args.model, expert_cache_bytes=budget, expert_policy=args.policy,
-                       direct_io=args.direct_io)
+                       direct_io=args.direct_io, timer=timer)
     t = time.perf_counter()
     model.materialize()
     model.warmup()

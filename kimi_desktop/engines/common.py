@@ -11,9 +11,10 @@ conversation, with
 
 `LocalEngine` does the rest: validate and render the request, reuse the longest common token prefix,
 one generation at a time in FIFO order (`QueuedEngine`, shared with the remote engine), a worker thread
-per stream that waits its turn, prefills and decodes token by token: sampler (runtime/sampling.py) -> constraint (tool_choice /
-response_format, constrain.py) -> K2 output parser -> stop strings -> events. Cancellation is checked
-before every forward pass, so at most the token in flight follows a cancel.
+per stream that waits its turn, prefills and decodes token by token (runtime/generate.py's
+generate_step): sampler (runtime/sampling.py) -> constraint (tool_choice / response_format,
+constrain/) -> K2 output parser -> stop strings -> events (engines/generation.py). Cancellation is
+checked before every forward pass, so at most the token in flight follows a cancel.
 
 Subclasses call `_init_local(...)` from their constructor and may override `_engine_stats()`
 (fields for stats()) and `_release()` (free the backend on close()).
@@ -24,34 +25,26 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from kimi_desktop.chat import (ChatRequestError, ChatStream, ContentDelta, FifoLock, Finish,
-                               ReasoningDelta, Sampling, StopMatcher, TokenLogprobs, ToolCallDelta,
-                               Usage, count_history_tool_calls, validate_request)
-from kimi_desktop.constrain import Constrainer, Step, ToolSpec
-from kimi_desktop.runtime.sampling import NoAllowedToken, Sampler, SamplerConfig
+from kimi_desktop.chat import (ChatRequestError, ChatStream, FifoLock, Finish, Sampling, Usage,
+                               count_history_tool_calls, validate_request)
+from kimi_desktop.constrain import Constrainer, StepFilter, ToolSpec
+from kimi_desktop.runtime.generate import generate_step, reuse_prefix
 
-__all__ = ["QueuedEngine", "LocalEngine", "common_prefix", "process_rss", "Emitter", "EXPERT_STATS_NONE",
-           "ReasoningCap", "sampling_defaults", "read_generation_config"]
+from .generation import Generation
+
+__all__ = ["QueuedEngine", "LocalEngine", "process_rss", "EXPERT_STATS_NONE", "sampling_defaults",
+           "read_generation_config"]
 
 # stats() keys of the routed-expert cache, for engines that have none (the UI shows "n/a")
 EXPERT_STATS_NONE = {
     "expert_cache_hits": None, "expert_cache_misses": None, "expert_cache_hit_rate": None,
     "expert_cache_bytes": None, "expert_cache_budget": None, "disk_read_mb_s": None, "disk_read_bytes": None,
 }
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    x = np.asarray(a[:n], dtype=np.int64)
-    y = np.asarray(b[:n], dtype=np.int64)
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n
 
 
 def process_rss() -> int:
@@ -103,27 +96,6 @@ def read_generation_config(folder: str | os.PathLike) -> dict:
         log.warning(f"{path}: ignoring it (not readable JSON: {e})")
         return {}
     return sampling_defaults(values, str(path)) if isinstance(values, Mapping) else {}
-
-
-class ReasoningCap:
-    """Sampling.max_reasoning_tokens where no constraint program runs (plain and tool_choice "none"):
-    after `limit` tokens inside the think block the next token is forced to </think>; with limit 0 and
-    the block not open yet, `<think></think>` is forced (how K2 templates switch thinking off).
-    "Inside" is the K2 parser's view: reasoning is what comes before </think>, <think> or not."""
-
-    def __init__(self, limit: int, think: int, end_think: int):
-        self.limit, self.think, self.end_think = limit, think, end_think
-        self.count = 0                  # reasoning tokens generated so far
-
-    def force(self, phase: str) -> int | None:
-        """The token to force now, given the parser's phase before it."""
-        if phase not in ("start", "reasoning") or self.count < self.limit:
-            return None
-        return self.think if phase == "start" and self.count == 0 else self.end_think
-
-    def seen(self, token: int, phase_before: str) -> None:
-        if phase_before in ("start", "reasoning") and token not in (self.think, self.end_think):
-            self.count += 1
 
 
 class QueuedEngine:
@@ -225,15 +197,15 @@ class LocalEngine(QueuedEngine):
         self.end_think = sp.get("</think>")
         self.thinking = self.think is not None and self.end_think is not None
         self._init_queue()
-        self._masks: dict[Any, np.ndarray] = {}
-        self._base_mask = None
+        self.base_mask = None                           # bool [vocab]: the ids that may ever be drawn
         if allowed is not None:
-            self._base_mask = np.asarray(allowed, dtype=bool)
-            if self._base_mask.shape != (self.vocab,):
-                raise ValueError(f"allowed mask has shape {self._base_mask.shape}, expected ({self.vocab},)")
+            self.base_mask = np.asarray(allowed, dtype=bool)
+            if self.base_mask.shape != (self.vocab,):
+                raise ValueError(f"allowed mask has shape {self.base_mask.shape}, expected ({self.vocab},)")
         elif tok.vocab_size < self.vocab:               # ids the tokenizer cannot decode: never sampled
-            self._base_mask = np.zeros(self.vocab, dtype=bool)
-            self._base_mask[:tok.vocab_size] = True
+            self.base_mask = np.zeros(self.vocab, dtype=bool)
+            self.base_mask[:tok.vocab_size] = True
+        self.step_filter = StepFilter(tok, self.vocab, self.base_mask)
         self._token_str: dict[int, str] = {}
         self._stats: dict[str, Any] = {
             "decode_tok_s": 0.0, "prefill_tok_s": 0.0, "ttft_s": None,
@@ -376,30 +348,8 @@ class LocalEngine(QueuedEngine):
         except Exception:
             pass
 
-    def _mask(self, step: Step) -> np.ndarray:
-        key = (step.text, step.specials, step.ban)
-        m = self._masks.get(key)
-        if m is None:
-            m = np.zeros(self.vocab, dtype=bool)
-            if step.text:
-                m[:self.num_base] = True
-            top = min(self.vocab, self.tokenizer.vocab_size)
-            if step.specials is None:
-                m[self.num_base:top] = True
-                for t in step.ban:
-                    m[t] = False
-            else:
-                for t in step.specials:
-                    if t < self.vocab:
-                        m[t] = True
-            if self._base_mask is not None:
-                m &= self._base_mask
-            if len(self._masks) > 64:
-                self._masks.clear()
-            self._masks[key] = m
-        return m
-
-    def _tok_str(self, t: int) -> str:
+    def token_str(self, t: int) -> str:
+        """A token's text on its own (logprobs), cached."""
         s = self._token_str.get(t)
         if s is None:
             s = self._token_str[t] = self.tokenizer.decode([t])
@@ -407,184 +357,36 @@ class LocalEngine(QueuedEngine):
 
     def _generate(self, stream: ChatStream, ids: list[int], budget: int, sampling: Sampling,
                   constrainer: Constrainer | None, raw: bool = False) -> None:
-        from kimi_desktop.runtime.k2_output import K2OutputParser
+        """One request, on its worker: prefill what the session lacks of the prompt, then one token per
+        forward pass (gen.next_token chooses it, gen.take applies it) until the response ends, then
+        finish. runtime/generate.py runs the passes; engines/generation.py is the rest."""
+        reuse = reuse_prefix(self.session, ids)
+        gen = Generation(self, stream, ids, budget, sampling, constrainer, raw,
+                         on_prefill=lambda secs: self._record_prefill(len(ids), reuse, secs))
+        for draw in generate_step(self.session, ids[reuse:], gen.sampler, gen.next_token):
+            if gen.take(draw):
+                break
+        self._record_decode(gen, time.monotonic())
+        gen.finish(Usage(len(ids), gen.n, reuse))
 
-        sess = self.session
-        tok = self.tokenizer
-        reuse = min(common_prefix(sess.tokens, ids), len(ids) - 1)
-        sess.truncate(reuse)
-        t0 = time.monotonic()
-        logits = sess.feed(ids[reuse:])
-        t1 = time.monotonic()
-        n_prefill = len(ids) - reuse
+    def _record_prefill(self, n_prompt: int, reuse: int, secs: float) -> None:
+        n_prefill = n_prompt - reuse
         with self._state_lock:
             st = self._stats
             st["requests"] += 1
-            st["last_prompt_tokens"] = len(ids)
+            st["last_prompt_tokens"] = n_prompt
             st["last_prefill_tokens"] = n_prefill
             st["last_cached_tokens"] = reuse
             st["prefill_tokens_total"] += n_prefill
-            st["prefill_tok_s"] = n_prefill / max(t1 - t0, 1e-9)
+            st["prefill_tok_s"] = n_prefill / max(secs, 1e-9)
 
-        sampler = Sampler(SamplerConfig(
-            temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p),
-            min_p=float(sampling.min_p), presence_penalty=float(sampling.presence_penalty),
-            frequency_penalty=float(sampling.frequency_penalty),
-            repetition_penalty=float(sampling.repetition_penalty), seed=sampling.seed), prompt_ids=ids)
-        n_top = (sampling.top_logprobs or 0) if sampling.logprobs else None
-        parser = RawText(tok) if raw else K2OutputParser(tok, reasoning=self.thinking)
-        if not raw and self.thinking and ids[-1] in (self.think, self.end_think):
-            parser.feed([ids[-1]])          # the prompt opened (or skipped) the reasoning block
-        skip_reasoning = (self.thinking and constrainer is not None and constrainer.mode != "none"
-                          and ids[-1] not in (self.think, self.end_think))
-        cap = None                          # the reasoning cap where no constraint program enforces it
-        if (not raw and self.thinking and sampling.max_reasoning_tokens is not None
-                and (constrainer is None or constrainer.mode == "none")):
-            cap = ReasoningCap(sampling.max_reasoning_tokens, self.think, self.end_think)
-        one_call = not raw and not sampling.parallel_tool_calls
-        stops = StopMatcher(sampling.stop_list())
-        emitter = Emitter(stream, stops)
-        check_cache: dict[int, bytes] = {}
-
-        def token_bytes(t: int) -> bytes:
-            b = check_cache.get(t)
-            if b is None:
-                b = check_cache[t] = tok.token_bytes(t)
-            return b
-
-        n = 0
-        reason = None
-        t_first = None
-        while True:
-            if stream.cancelled or self._closed:
-                reason = "cancelled"
-                break
-            if n >= budget:
-                reason = "length"
-                break
-            step = constrainer.step() if constrainer is not None else None
-            if constrainer is not None and step is None:
-                reason = "stop"
-                break
-            # choose the token
-            phase = parser.phase if cap is not None else None
-            capped = cap.force(phase) if cap is not None else None
-            if capped is not None:
-                draw = sampler.forced(logits, capped, n_top)
-            elif step is None:
-                draw = sampler.sample(logits, allowed=self._base_mask, logprobs=n_top)
-            elif step.force is not None:
-                draw = sampler.forced(logits, step.force, n_top)
-            else:
-                check = step.check
-                accept = None
-                if check is not None:
-                    nb = self.num_base
-                    accept = lambda t, check=check: t >= nb or check(token_bytes(t))   # noqa: E731
-                try:
-                    draw = sampler.sample(logits, allowed=self._mask(step), accept=accept, logprobs=n_top)
-                except NoAllowedToken:
-                    if step.fallback is None:
-                        raise
-                    draw = sampler.forced(logits, step.fallback, n_top)
-            t = draw.token
-            n += 1
-            if cap is not None:
-                cap.seen(t, phase)
-            if t_first is None:
-                t_first = time.monotonic()
-                stream.first_token_at = t_first
-            if constrainer is not None:
-                constrainer.advance(t)
-            if t in self.end_ids:
-                reason = "stop"
-                break
-            if n == 1 and skip_reasoning and t != self.think:
-                parser.feed([self.end_think])   # a constrained answer without <think>: content, not reasoning
-            stopped = emitter.emit(parser.feed([t]))
-            if n_top is not None:
-                emitter.put(TokenLogprobs(self._tok_str(t), float(draw.logprob),
-                                          tuple((self._tok_str(i), lp) for i, lp in draw.top)))
-            if stopped:
-                reason = "stop"
-                break
-            if one_call and parser.tool_calls and parser.phase not in ("tool_call_id", "tool_arguments"):
-                reason = "stop"             # parallel_tool_calls false: the first call is complete
-                break
-            if n >= budget or stream.cancelled or self._closed:
-                continue                    # decided at the top of the loop, without a forward pass
-            logits = sess.feed([t])
-
-        t_end = time.monotonic()
-        if reason != "cancelled" and not emitter.stopped:
-            emitter.emit(parser.finish())
-            emitter.flush()
-        if reason == "stop" and parser.tool_calls and not emitter.stopped:
-            reason = "tool_calls"
-        usage = Usage(len(ids), n, reuse)
+    def _record_decode(self, gen: Generation, t_end: float) -> None:
+        n = gen.n
         with self._state_lock:
             st = self._stats
             st["last_completion_tokens"] = n
             st["completion_tokens_total"] += n
-            if t_first is not None:
-                st["ttft_s"] = t_first - t0
+            if gen.t_first is not None:
+                st["ttft_s"] = gen.t_first - gen.t0
                 if n > 1:
-                    st["decode_tok_s"] = (n - 1) / max(t_end - t_first, 1e-9)
-        stream.put(usage)
-        stream.put(Finish(reason, stops.matched if emitter.stopped else None))
-
-
-class RawText:
-    """The K2 parser's interface for raw completions: all output is content, special tokens as text."""
-
-    tool_calls: tuple = ()
-
-    def __init__(self, tokenizer):
-        from kimi_desktop.runtime.tokenizer import IncrementalDecoder
-        self._decoder = IncrementalDecoder(tokenizer)
-
-    def feed(self, ids) -> list:
-        text = self._decoder.feed(ids)
-        return [ContentDelta(text)] if text else []
-
-    def finish(self) -> list:
-        text = self._decoder.flush()
-        return [ContentDelta(text)] if text else []
-
-
-class Emitter:
-    """Parser events -> stream, with stop strings applied to reasoning and content text (each run of
-    one kind separately; tool-call arguments are never cut)."""
-
-    def __init__(self, stream: ChatStream, stops: StopMatcher):
-        self.stream, self.stops = stream, stops
-        self.kind = None
-        self.stopped = False
-
-    def put(self, ev) -> None:
-        self.stream.put(ev)
-
-    def flush(self) -> None:
-        held = self.stops.flush()
-        if held and self.kind is not None:
-            self.stream.put(self.kind(held))
-
-    def emit(self, events) -> bool:
-        for ev in events:
-            if self.stopped:
-                return True
-            if isinstance(ev, (ReasoningDelta, ContentDelta)):
-                if type(ev) is not self.kind:
-                    self.flush()
-                    self.kind = type(ev)
-                safe, matched = self.stops.feed(ev.text)
-                if safe:
-                    self.stream.put(self.kind(safe))
-                if matched:
-                    self.stopped = True
-                    return True
-            else:
-                if isinstance(ev, ToolCallDelta):
-                    self.flush()
-                self.stream.put(ev)
-        return self.stopped
+                    st["decode_tok_s"] = (n - 1) / max(t_end - gen.t_first, 1e-9)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -250,7 +251,8 @@ class LlamaVocab(SpecialTokenDecoding):
 
 def vocab_map(tokenizer, gguf_vocab: LlamaVocab, where: str = "tokenizer_dir") -> np.ndarray | None:
     """Map the project tokenizer's ids to the GGUF's: None when they are the same ids (a file written
-    by export-gguf; reserved tokens may be spelt otherwise), else p2l [tokenizer.vocab_size] int64 with -1 for ids the GGUF lacks.
+    by export-gguf; reserved tokens may be spelt otherwise), else p2l [tokenizer.vocab_size] int64
+    with -1 for ids the GGUF lacks.
     Ordinary tokens are matched by their bytes, special tokens by their text. ValueError if an
     ordinary token or a named (non-reserved) special token of the tokenizer is missing from the GGUF."""
     n = int(tokenizer.vocab_size)

@@ -5,7 +5,8 @@ prefix with what the session holds (truncate, then prefill only the new tokens).
 a time (FifoLock); each stream gets a worker thread that waits its turn, prefills, and decodes token
 by token: sampler -> constraint (tool_choice / response_format) -> K2 output parser -> stop strings ->
 events. Cancellation is checked before every forward pass, so at most the token in flight follows a
-cancel. That request path and decode loop are shared with the llama.cpp engine (engines/common.py).
+cancel. That request path and decode loop are shared with the llama.cpp engine (engines/common.py,
+engines/generation.py, runtime/generate.py).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from pathlib import Path
 
 from kimi_desktop.notices import log, warm_up
 
-from .common import Emitter, LocalEngine, common_prefix, read_generation_config
+from .common import LocalEngine, read_generation_config
 
-_Emitter = Emitter                  # the name this module used before the shared loop moved to .common
-
-__all__ = ["NativeEngine", "common_prefix", "expert_cache_stats"]
+__all__ = ["NativeEngine", "expert_cache_stats"]
 
 
 class NativeEngine(LocalEngine):

@@ -44,7 +44,8 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kimi_desktop.chat import (ChatRequestError, ChatStream, ContentDelta, Finish, ReasoningDelta,
                                Sampling, TokenLogprobs, ToolCallDelta, Usage, count_history_tool_calls,

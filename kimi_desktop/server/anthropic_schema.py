@@ -9,7 +9,7 @@ citations, service_tier, ...) are accepted and ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -25,7 +25,7 @@ class MediaBlock(_Model):
     type: Literal["image", "document", "search_result", "container_upload"]
 
 
-ResultPart = Annotated[Union[TextBlock, MediaBlock], Field(discriminator="type")]
+ResultPart = Annotated[TextBlock | MediaBlock, Field(discriminator="type")]
 
 
 class ToolUseBlock(_Model):
@@ -53,8 +53,8 @@ class RedactedThinkingBlock(_Model):
     data: str | None = None
 
 
-Block = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock,
-                        MediaBlock], Field(discriminator="type")]
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock | MediaBlock,
+                  Field(discriminator="type")]
 
 
 class Message(_Model):
@@ -93,7 +93,7 @@ class ToolChoiceNone(_Model):
     type: Literal["none"]
 
 
-ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceNone],
+ToolChoice = Annotated[ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone,
                        Field(discriminator="type")]
 
 
@@ -113,7 +113,7 @@ class ThinkingAdaptive(_Model):
     type: Literal["adaptive"]
 
 
-Thinking = Annotated[Union[ThinkingEnabled, ThinkingDisabled, ThinkingAdaptive], Field(discriminator="type")]
+Thinking = Annotated[ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive, Field(discriminator="type")]
 
 
 # -- the request bodies ------------------------------------------------------------------------------

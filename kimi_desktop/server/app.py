@@ -50,7 +50,7 @@ def engine_context(engine) -> int | None:
     return int(n) if n else None
 
 
-def not_served(name: str, st: "ServerState") -> APIError:
+def not_served(name: str, st: ServerState) -> APIError:
     return APIError(404, f"the model {name!r} is not served here: this server serves {st.model_name!r} "
                          f"(--strict-model)", "model", "model_not_found")
 

@@ -15,8 +15,9 @@ queue).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from kimi_desktop.chat import Finish, Sampling, Usage
 

@@ -14,7 +14,7 @@ overloaded_error 503 (a full queue keeps 503 + Retry-After; Anthropic's own 529 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError

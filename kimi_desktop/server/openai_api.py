@@ -249,16 +249,22 @@ def _head(turn: Turn, kind: str) -> dict:
             "system_fingerprint": turn.fingerprint}
 
 
+def _chunk(head: dict, include_usage: bool, choice: dict) -> dict:
+    """One streamed chunk of one choice; with include_usage every chunk but the last has "usage": null."""
+    c = {**head, "choices": [choice]}
+    if include_usage:
+        c["usage"] = None
+    return c
+
+
 def _chat_chunker(turn, include_usage: bool, index: int = 0, group: Turn | None = None):
     """The chunks of one choice; `turn` gives its timings, `group` (n > 1) the response's identity."""
     head = _head(group or turn, "chat.completion.chunk")
     opened = False
 
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        c = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if include_usage:
-            c["usage"] = None
-        return c
+        return _chunk(head, include_usage, {"index": index, "delta": delta, "logprobs": logprobs,
+                                            "finish_reason": finish})
 
     def chunks(ev) -> list[dict]:
         nonlocal opened
@@ -352,10 +358,8 @@ def _completion_chunker(turn, include_usage: bool, echo: str, want_lp: bool, ind
     state = {"offset": len(echo), "echo": echo}
 
     def chunk(text: str, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        c = {**head, "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]}
-        if include_usage:
-            c["usage"] = None
-        return c
+        return _chunk(head, include_usage, {"text": text, "index": index, "logprobs": logprobs,
+                                            "finish_reason": finish})
 
     def chunks(ev) -> list[dict]:
         out = []

@@ -8,7 +8,7 @@ ignored, as OpenAI-compatible servers do (clients send many vendor extensions).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +31,7 @@ class OtherPart(_Model):
     type: Literal["image_url", "input_audio", "file", "refusal"]
 
 
-ContentPart = Annotated[Union[TextPart, OtherPart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | OtherPart, Field(discriminator="type")]
 
 
 class FunctionCall(_Model):

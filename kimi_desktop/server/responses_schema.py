@@ -14,7 +14,7 @@ other type (dropped by the route with a log line).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -42,7 +42,7 @@ class MediaPart(_Model):
     type: Literal["input_image", "input_file", "input_audio"]
 
 
-Part = Annotated[Union[TextPart, RefusalPart, MediaPart], Field(discriminator="type")]
+Part = Annotated[TextPart | RefusalPart | MediaPart, Field(discriminator="type")]
 
 
 # -- input items ----------------------------------------------------------------------------------------
@@ -127,14 +127,14 @@ def _item_tag(v: Any) -> str:
     return ITEM_TYPES.get(kind, "Other")
 
 
-Item = Annotated[Union[
-    Annotated[MessageItem, Tag("Message")], Annotated[FunctionCallItem, Tag("FunctionCall")],
-    Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")], Annotated[ReasoningItem, Tag("Reasoning")],
-    Annotated[CustomToolCallItem, Tag("CustomToolCall")],
-    Annotated[CustomToolCallOutputItem, Tag("CustomToolCallOutput")],
-    Annotated[LocalShellCallItem, Tag("LocalShellCall")], Annotated[ItemReference, Tag("ItemReference")],
-    Annotated[OtherItem, Tag("Other")],
-], Discriminator(_item_tag)]
+Item = Annotated[(
+    Annotated[MessageItem, Tag("Message")] | Annotated[FunctionCallItem, Tag("FunctionCall")]
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")] | Annotated[ReasoningItem, Tag("Reasoning")]
+    | Annotated[CustomToolCallItem, Tag("CustomToolCall")]
+    | Annotated[CustomToolCallOutputItem, Tag("CustomToolCallOutput")]
+    | Annotated[LocalShellCallItem, Tag("LocalShellCall")] | Annotated[ItemReference, Tag("ItemReference")]
+    | Annotated[OtherItem, Tag("Other")]
+), Discriminator(_item_tag)]
 
 
 # -- tools ----------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _tool_tag(v: Any) -> str:
     return "Function" if kind == "function" else "Other"
 
 
-ToolItem = Annotated[Union[Annotated[FunctionTool, Tag("Function")], Annotated[OtherTool, Tag("Other")]],
+ToolItem = Annotated[Annotated[FunctionTool, Tag("Function")] | Annotated[OtherTool, Tag("Other")],
                      Discriminator(_tool_tag)]
 
 

@@ -96,7 +96,7 @@ class LocalServer:
         finally:
             self.sock.close()
 
-    def start_in_thread(self, timeout: float = 30.0) -> "LocalServer":
+    def start_in_thread(self, timeout: float = 30.0) -> LocalServer:
         self._thread = threading.Thread(target=self.run, name="kimi-server", daemon=True)
         self._thread.start()
         if not self.ready.wait(timeout):

@@ -7,12 +7,10 @@ dtypes and contiguity and allocates the output; the model calls only the launche
     int4_gemm(packed, scale, X)              -> Y [T, out]
     bf16_gemv(w, x) / bf16_gemm(w, X)        -> y [out] / Y [T, out]
     fp8_gemv(w, scale_inv, x, block=(128, 128)) / fp8_gemm(w, scale_inv, X, block)
-    rmsnorm(x, w, eps)                       -> y [T, d]
-    rope_interleaved(x, positions, inv_freq, mscale=1.0, fp32_angles=False, out=None)
-    router_topk(logits, bias, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor)
-                                             -> (idx int32 [T, k], weights float32 [T, k])
     mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale) -> o_lat [H, R]
     mla_prefill(q, kvb, pe, start, scale, C)  -> out [T, H, V]   causal, latent expanded by kv_b
+    absorb_q(kv_b, q_nope, C, V)             -> q_lat [H, R]  W_UK into the query (bf16 kv_b)
+    absorb_out(kv_b, o_lat, C, V)            -> o [H, V]      W_UV out of latent space
 
 warmup() runs each of them once on tiny inputs, so numba's compile / cache load happens at load time,
 not in the first request. Threads: set_threads(n) fixes the count; by default (set_threads(None))
@@ -24,24 +22,21 @@ from __future__ import annotations
 import numba
 
 from ._launch import policy
+from .absorb import absorb_out, absorb_out_ref, absorb_q, absorb_q_ref
 from .bf16 import bf16_gemm, bf16_gemm_ref, bf16_gemv, bf16_gemv_ref
-from .fp8 import FP8_E4M3_LUT, fp8_dequant_ref, fp8_gemm, fp8_gemm_ref, fp8_gemv, fp8_gemv_ref, fp8_to_f32
-from .int4 import int4_dequant_ref, int4_gemm, int4_gemm_ref, int4_gemv, int4_gemv_ref, int4_unpack_ref
+from .fp8 import FP8_E4M3_LUT, fp8_gemm, fp8_gemm_ref, fp8_gemv, fp8_gemv_ref
+from .int4 import int4_gemm, int4_gemm_ref, int4_gemv, int4_gemv_ref
 from .mla import mla_decode_absorbed, mla_decode_absorbed_ref
 from .mla_prefill import mla_prefill, mla_prefill_ref
-from .norm import rmsnorm, rmsnorm_ref
-from .rope import rope_interleaved, rope_interleaved_ref
-from .router import router_topk, router_topk_ref
 from .warmup import warmup
 
 __all__ = [
     "set_threads", "get_threads", "policy", "warmup",
-    "int4_gemv", "int4_gemm", "int4_gemv_ref", "int4_gemm_ref", "int4_dequant_ref", "int4_unpack_ref",
+    "int4_gemv", "int4_gemm", "int4_gemv_ref", "int4_gemm_ref",
     "bf16_gemv", "bf16_gemm", "bf16_gemv_ref", "bf16_gemm_ref",
-    "fp8_gemv", "fp8_gemm", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_dequant_ref", "fp8_to_f32", "FP8_E4M3_LUT",
-    "rmsnorm", "rmsnorm_ref", "rope_interleaved", "rope_interleaved_ref",
-    "router_topk", "router_topk_ref", "mla_decode_absorbed", "mla_decode_absorbed_ref",
-    "mla_prefill", "mla_prefill_ref",
+    "fp8_gemv", "fp8_gemm", "fp8_gemv_ref", "fp8_gemm_ref", "FP8_E4M3_LUT",
+    "mla_decode_absorbed", "mla_decode_absorbed_ref",
+    "mla_prefill", "mla_prefill_ref", "absorb_q", "absorb_q_ref", "absorb_out", "absorb_out_ref",
 ]
 
 

@@ -55,30 +55,24 @@ def _vload(builder, ptr, elt, n=W):
     return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=1)
 
 
-@intrinsic
-def load_f32(typingctx, arr, idx):
-    """16 float32 from a C-contiguous float32 array at flat index idx."""
-    if not (_check_arr(arr, (types.float32,)) and isinstance(idx, types.Integer)):
-        return None
+def _make_load(dtypes, elt, vec, doc):
+    """16 lanes of `elt` from a C-contiguous array of one of `dtypes` at a flat index."""
+    @intrinsic
+    def _load(typingctx, arr, idx):
+        if not (_check_arr(arr, dtypes) and isinstance(idx, types.Integer)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        return _vload(builder, p, _F)
+        def codegen(context, builder, sig, args):
+            return _vload(builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]), elt)
 
-    return f32v(arr, idx), codegen
+        return vec(arr, idx), codegen
+
+    _load.__doc__ = doc
+    return _load
 
 
-@intrinsic
-def load_i32(typingctx, arr, idx):
-    """16 int32 (raw bits) from an int32/uint32 array."""
-    if not (_check_arr(arr, (types.int32, types.uint32)) and isinstance(idx, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        return _vload(builder, p, _I32)
-
-    return i32v(arr, idx), codegen
+load_f32 = _make_load((types.float32,), _F, f32v, "16 float32 from a C-contiguous float32 array at flat index idx.")
+load_i32 = _make_load((types.int32, types.uint32), _I32, i32v, "16 int32 (raw bits) from an int32/uint32 array.")
 
 
 def _make_ext_load(src_dtype, bits, signed):
@@ -115,30 +109,25 @@ def store_f32(typingctx, arr, idx, v):
     return types.void(arr, idx, v), codegen
 
 
-@intrinsic
-def splat_f32(typingctx, x):
-    if not isinstance(x, (types.Float, types.Integer)):
-        return None
+def _splat(vec, accepts, scalar, elt):
+    """x (a number of one of the `accepts` kinds, cast to numba type `scalar`) in all 16 lanes."""
+    @intrinsic
+    def _sp(typingctx, x):
+        if not isinstance(x, accepts):
+            return None
 
-    def codegen(context, builder, sig, args):
-        s = context.cast(builder, args[0], sig.args[0], types.float32)
-        v = builder.insert_element(ir.Constant(_VF, ir.Undefined), s, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(v, ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, None))
+        def codegen(context, builder, sig, args):
+            s = context.cast(builder, args[0], sig.args[0], scalar)
+            v = builder.insert_element(ir.Constant(elt, ir.Undefined), s, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(v, ir.Constant(elt, ir.Undefined), ir.Constant(_VI, None))
 
-    return f32v(x), codegen
+        return vec(x), codegen
+
+    return _sp
 
 
-@intrinsic
-def splat_i32(typingctx, x):
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        s = context.cast(builder, args[0], sig.args[0], types.int32)
-        v = builder.insert_element(ir.Constant(_VI, ir.Undefined), s, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(v, ir.Constant(_VI, ir.Undefined), ir.Constant(_VI, None))
-
-    return i32v(x), codegen
+splat_f32 = _splat(f32v, (types.Float, types.Integer), types.float32, _VF)
+splat_i32 = _splat(i32v, (types.Integer,), types.int32, _VI)
 
 
 @intrinsic
@@ -210,28 +199,25 @@ ilshr = _shift("lshr")
 iashr = _shift("ashr")
 
 
-@intrinsic
-def i2f(typingctx, a):
-    """int32 lanes -> float32 (value conversion)."""
-    if a != i32v:
-        return None
+def _convert(src, dst, name, doc):
+    """A lane-wise conversion src -> dst vector by the llvmlite builder method `name`."""
+    @intrinsic
+    def _cv(typingctx, a):
+        if a != src:
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.sitofp(args[0], _VF)
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], _VF if dst == f32v else _VI)
 
-    return f32v(a), codegen
+        return dst(a), codegen
+
+    _cv.__doc__ = doc
+    return _cv
 
 
-@intrinsic
-def bits2f(typingctx, a):
-    """Reinterpret int32 lanes as float32."""
-    if a != i32v:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _VF)
-
-    return f32v(a), codegen
+i2f = _convert(i32v, f32v, "sitofp", "int32 lanes -> float32 (value conversion).")
+bits2f = _convert(i32v, f32v, "bitcast", "Reinterpret int32 lanes as float32.")
+f2i = _convert(f32v, i32v, "fptosi", "float32 lanes -> int32 (truncation toward zero, like a C cast).")
 
 
 @intrinsic
@@ -341,18 +327,6 @@ def _fcmp_select(op):
 
 fmax = _fcmp_select(">")   # lane-wise max (a > b ? a : b; NaN in a -> b)
 fmin = _fcmp_select("<")
-
-
-@intrinsic
-def f2i(typingctx, a):
-    """float32 lanes -> int32 (truncation toward zero, like a C cast)."""
-    if a != f32v:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fptosi(args[0], _VI)
-
-    return i32v(a), codegen
 
 
 @intrinsic

@@ -17,11 +17,11 @@ def stream_read_ref(a):
 
 @njit(fastmath=FM, cache=True)
 def _sum_range(a, lo, hi):
-    s0 = zeros_f32(); s1 = zeros_f32(); s2 = zeros_f32(); s3 = zeros_f32()  # noqa: E702
+    s0 = zeros_f32(); s1 = zeros_f32(); s2 = zeros_f32(); s3 = zeros_f32()
     nv = lo + (hi - lo) // 64 * 64
     for i in range(lo, nv, 64):
-        s0 = fadd(s0, load_f32(a, i)); s1 = fadd(s1, load_f32(a, i + 16))  # noqa: E702
-        s2 = fadd(s2, load_f32(a, i + 32)); s3 = fadd(s3, load_f32(a, i + 48))  # noqa: E702
+        s0 = fadd(s0, load_f32(a, i)); s1 = fadd(s1, load_f32(a, i + 16))
+        s2 = fadd(s2, load_f32(a, i + 32)); s3 = fadd(s3, load_f32(a, i + 48))
     s = np.float64(hsum(fadd(fadd(s0, s1), fadd(s2, s3))))
     for i in range(nv, hi):
         s += a[i]

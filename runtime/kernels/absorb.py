@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._common import bf16_to_f32
 from ._launch import twin
 
 
 def absorb_q_ref(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray:
     """kv_b bf16 (uint16 view) [H*(C+V), R], q_nope f32 [H, C] -> q_lat f32 [H, R]."""
     H = q_nope.shape[0]
-    w = (kv_b.astype(np.uint32) << 16).view(np.float32).reshape(H, C + V, -1)[:, :C]
+    w = bf16_to_f32(kv_b).reshape(H, C + V, -1)[:, :C]
     return np.einsum("hc,hcr->hr", q_nope, w).astype(np.float32)
 
 
@@ -37,14 +38,22 @@ def _absorb_q(kv_b, q_nope, C, V, out):
         out[h] = acc
 
 
-def absorb_q(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray:
+def _check(kv_b, a, name: str, C: int, V: int, cols: int | None):
+    """(kv_b as uint16 [H*(C+V), R], a as float32 [H, cols or R]) or a ValueError naming the argument."""
     kv_b = kv_b.view(np.uint16)
-    H = q_nope.shape[0]
+    H = a.shape[0]
     if kv_b.ndim != 2 or kv_b.shape[0] != H * (C + V) or not kv_b.flags.c_contiguous:
         raise ValueError(f"kv_b: expected C-contiguous [{H}*({C}+{V}), R], got {kv_b.shape}")
-    q = np.ascontiguousarray(q_nope, dtype=np.float32)
-    if q.shape != (H, C):
-        raise ValueError(f"q_nope: expected [{H}, {C}], got {q.shape}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    want = (H, kv_b.shape[1] if cols is None else cols)
+    if a.shape != want:
+        raise ValueError(f"{name}: expected [{want[0]}, {want[1]}], got {a.shape}")
+    return kv_b, a
+
+
+def absorb_q(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray:
+    kv_b, q = _check(kv_b, q_nope, "q_nope", C, V, C)
+    H = q.shape[0]
     out = np.empty((H, kv_b.shape[1]), np.float32)
     _absorb_q.pick(H * C * kv_b.shape[1])(kv_b, q, C, V, out)
     return out
@@ -53,7 +62,7 @@ def absorb_q(kv_b: np.ndarray, q_nope: np.ndarray, C: int, V: int) -> np.ndarray
 def absorb_out_ref(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.ndarray:
     """kv_b bf16 (uint16 view) [H*(C+V), R], o_lat f32 [H, R] -> o f32 [H, V]."""
     H = o_lat.shape[0]
-    w = (kv_b.astype(np.uint32) << 16).view(np.float32).reshape(H, C + V, -1)[:, C:]
+    w = bf16_to_f32(kv_b).reshape(H, C + V, -1)[:, C:]
     return np.einsum("hvr,hr->hv", w, o_lat).astype(np.float32)
 
 
@@ -71,13 +80,8 @@ def _absorb_out(kv_b, o_lat, C, V, out):
 
 
 def absorb_out(kv_b: np.ndarray, o_lat: np.ndarray, C: int, V: int) -> np.ndarray:
-    kv_b = kv_b.view(np.uint16)
-    H = o_lat.shape[0]
-    if kv_b.ndim != 2 or kv_b.shape[0] != H * (C + V) or not kv_b.flags.c_contiguous:
-        raise ValueError(f"kv_b: expected C-contiguous [{H}*({C}+{V}), R], got {kv_b.shape}")
-    o = np.ascontiguousarray(o_lat, dtype=np.float32)
-    if o.shape != (H, kv_b.shape[1]):
-        raise ValueError(f"o_lat: expected [{H}, {kv_b.shape[1]}], got {o.shape}")
+    kv_b, o = _check(kv_b, o_lat, "o_lat", C, V, None)
+    H = o.shape[0]
     out = np.empty((H, V), np.float32)
     _absorb_out.pick(H * V * kv_b.shape[1])(kv_b, o, C, V, out)
     return out

@@ -7,8 +7,8 @@ Shape legend: out = rows, in = columns, T = tokens.
   FMA = 3 vector ops per 16 weights, software prefetch (to L2, prefetcht1) of the next 8-row block.
   Memory bound. Measured against 4 rows with prefetcht0: 8 row streams per thread and the L2 hint
   lift 2 threads from ~88% to ~97% of the 2-thread numba read stream (163840x7168 and rotating
-  2048x7168 / 7168x8192 sets). A leftover 4-row block uses the 4-row kernel; per-row summation
-  order is the same in both, so results do not depend on which kernel a row went through.
+  2048x7168 / 7168x8192 sets). A leftover 4-row block goes through the 8-row kernel on a
+  zero-padded copy (K2's row counts are multiples of 8: never on its path); fewer rows, one at a time.
 - GEMM (T > 1): decode 4 rows x 512 columns into an fp32 tile, shared 4x4 micro-kernel (_tile).
 Results are exact up to float32 summation order.
 """
@@ -18,10 +18,9 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FM, as_u16, bf16_to_f32, check, out_array
-from ._simd import (bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch, prefetch_l2, store_f32,
-                    u32_as_f32, zeros_f32)
+from ._simd import bits2f, fadd, fma, hsum, ishl, load_f32, load_u16, prefetch_l2, store_f32, u32_as_f32, zeros_f32
 from ._launch import twin
-from ._tile import TILE_K, blocks_to_out, mk4x4, pad_tokens, row_blocks_per_task
+from ._tile import TILE_K, pad_tokens, row_blocks_per_task, tiled_gemm
 
 __all__ = ["bf16_gemv_ref", "bf16_gemm_ref", "bf16_gemv", "bf16_gemm"]
 
@@ -42,59 +41,33 @@ def _w(wf, i):
 
 
 @njit(fastmath=FM, cache=True)
-def _rows4(wf, x, xo, y, yo, r, n, pnext):
-    b0 = r * n; b1 = b0 + n; b2 = b1 + n; b3 = b2 + n  # noqa: E702
-    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
-    c0 = zeros_f32(); c1 = zeros_f32(); c2 = zeros_f32(); c3 = zeros_f32()  # noqa: E702
-    pn = pnext * n
-    nv = n // 32 * 32
-    for k in range(0, nv, 32):
-        prefetch(wf, b0 + pn + k); prefetch(wf, b1 + pn + k)  # noqa: E702
-        prefetch(wf, b2 + pn + k); prefetch(wf, b3 + pn + k)  # noqa: E702
-        xa = load_f32(x, xo + k)
-        xb = load_f32(x, xo + k + 16)
-        a0 = fma(_w(wf, b0 + k), xa, a0); c0 = fma(_w(wf, b0 + k + 16), xb, c0)  # noqa: E702
-        a1 = fma(_w(wf, b1 + k), xa, a1); c1 = fma(_w(wf, b1 + k + 16), xb, c1)  # noqa: E702
-        a2 = fma(_w(wf, b2 + k), xa, a2); c2 = fma(_w(wf, b2 + k + 16), xb, c2)  # noqa: E702
-        a3 = fma(_w(wf, b3 + k), xa, a3); c3 = fma(_w(wf, b3 + k + 16), xb, c3)  # noqa: E702
-    y0 = hsum(fadd(a0, c0)); y1 = hsum(fadd(a1, c1)); y2 = hsum(fadd(a2, c2)); y3 = hsum(fadd(a3, c3))  # noqa: E702
-    for k in range(nv, n):
-        xv = x[xo + k]
-        y0 += u32_as_f32(np.uint32(wf[b0 + k]) << 16) * xv
-        y1 += u32_as_f32(np.uint32(wf[b1 + k]) << 16) * xv
-        y2 += u32_as_f32(np.uint32(wf[b2 + k]) << 16) * xv
-        y3 += u32_as_f32(np.uint32(wf[b3 + k]) << 16) * xv
-    y[yo + r] = y0; y[yo + r + 1] = y1; y[yo + r + 2] = y2; y[yo + r + 3] = y3  # noqa: E702
-
-
-@njit(fastmath=FM, cache=True)
 def _rows8(wf, x, y, r, n, pnext):
-    """y[r .. r+7]; prefetches (to L2) the block `pnext` rows further on. Same per-row order as _rows4."""
-    b0 = r * n; b1 = b0 + n; b2 = b1 + n; b3 = b2 + n  # noqa: E702
-    b4 = b3 + n; b5 = b4 + n; b6 = b5 + n; b7 = b6 + n  # noqa: E702
-    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
-    a4 = zeros_f32(); a5 = zeros_f32(); a6 = zeros_f32(); a7 = zeros_f32()  # noqa: E702
-    c0 = zeros_f32(); c1 = zeros_f32(); c2 = zeros_f32(); c3 = zeros_f32()  # noqa: E702
-    c4 = zeros_f32(); c5 = zeros_f32(); c6 = zeros_f32(); c7 = zeros_f32()  # noqa: E702
+    """y[r .. r+7]; prefetches (to L2) the block `pnext` rows further on."""
+    b0 = r * n; b1 = b0 + n; b2 = b1 + n; b3 = b2 + n
+    b4 = b3 + n; b5 = b4 + n; b6 = b5 + n; b7 = b6 + n
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()
+    a4 = zeros_f32(); a5 = zeros_f32(); a6 = zeros_f32(); a7 = zeros_f32()
+    c0 = zeros_f32(); c1 = zeros_f32(); c2 = zeros_f32(); c3 = zeros_f32()
+    c4 = zeros_f32(); c5 = zeros_f32(); c6 = zeros_f32(); c7 = zeros_f32()
     pn = pnext * n
     nv = n // 32 * 32
     for k in range(0, nv, 32):
-        prefetch_l2(wf, b0 + pn + k); prefetch_l2(wf, b1 + pn + k)  # noqa: E702
-        prefetch_l2(wf, b2 + pn + k); prefetch_l2(wf, b3 + pn + k)  # noqa: E702
-        prefetch_l2(wf, b4 + pn + k); prefetch_l2(wf, b5 + pn + k)  # noqa: E702
-        prefetch_l2(wf, b6 + pn + k); prefetch_l2(wf, b7 + pn + k)  # noqa: E702
+        prefetch_l2(wf, b0 + pn + k); prefetch_l2(wf, b1 + pn + k)
+        prefetch_l2(wf, b2 + pn + k); prefetch_l2(wf, b3 + pn + k)
+        prefetch_l2(wf, b4 + pn + k); prefetch_l2(wf, b5 + pn + k)
+        prefetch_l2(wf, b6 + pn + k); prefetch_l2(wf, b7 + pn + k)
         xa = load_f32(x, k)
         xb = load_f32(x, k + 16)
-        a0 = fma(_w(wf, b0 + k), xa, a0); c0 = fma(_w(wf, b0 + k + 16), xb, c0)  # noqa: E702
-        a1 = fma(_w(wf, b1 + k), xa, a1); c1 = fma(_w(wf, b1 + k + 16), xb, c1)  # noqa: E702
-        a2 = fma(_w(wf, b2 + k), xa, a2); c2 = fma(_w(wf, b2 + k + 16), xb, c2)  # noqa: E702
-        a3 = fma(_w(wf, b3 + k), xa, a3); c3 = fma(_w(wf, b3 + k + 16), xb, c3)  # noqa: E702
-        a4 = fma(_w(wf, b4 + k), xa, a4); c4 = fma(_w(wf, b4 + k + 16), xb, c4)  # noqa: E702
-        a5 = fma(_w(wf, b5 + k), xa, a5); c5 = fma(_w(wf, b5 + k + 16), xb, c5)  # noqa: E702
-        a6 = fma(_w(wf, b6 + k), xa, a6); c6 = fma(_w(wf, b6 + k + 16), xb, c6)  # noqa: E702
-        a7 = fma(_w(wf, b7 + k), xa, a7); c7 = fma(_w(wf, b7 + k + 16), xb, c7)  # noqa: E702
-    y0 = hsum(fadd(a0, c0)); y1 = hsum(fadd(a1, c1)); y2 = hsum(fadd(a2, c2)); y3 = hsum(fadd(a3, c3))  # noqa: E702
-    y4 = hsum(fadd(a4, c4)); y5 = hsum(fadd(a5, c5)); y6 = hsum(fadd(a6, c6)); y7 = hsum(fadd(a7, c7))  # noqa: E702
+        a0 = fma(_w(wf, b0 + k), xa, a0); c0 = fma(_w(wf, b0 + k + 16), xb, c0)
+        a1 = fma(_w(wf, b1 + k), xa, a1); c1 = fma(_w(wf, b1 + k + 16), xb, c1)
+        a2 = fma(_w(wf, b2 + k), xa, a2); c2 = fma(_w(wf, b2 + k + 16), xb, c2)
+        a3 = fma(_w(wf, b3 + k), xa, a3); c3 = fma(_w(wf, b3 + k + 16), xb, c3)
+        a4 = fma(_w(wf, b4 + k), xa, a4); c4 = fma(_w(wf, b4 + k + 16), xb, c4)
+        a5 = fma(_w(wf, b5 + k), xa, a5); c5 = fma(_w(wf, b5 + k + 16), xb, c5)
+        a6 = fma(_w(wf, b6 + k), xa, a6); c6 = fma(_w(wf, b6 + k + 16), xb, c6)
+        a7 = fma(_w(wf, b7 + k), xa, a7); c7 = fma(_w(wf, b7 + k + 16), xb, c7)
+    y0 = hsum(fadd(a0, c0)); y1 = hsum(fadd(a1, c1)); y2 = hsum(fadd(a2, c2)); y3 = hsum(fadd(a3, c3))
+    y4 = hsum(fadd(a4, c4)); y5 = hsum(fadd(a5, c5)); y6 = hsum(fadd(a6, c6)); y7 = hsum(fadd(a7, c7))
     for k in range(nv, n):
         xv = x[k]
         y0 += u32_as_f32(np.uint32(wf[b0 + k]) << 16) * xv
@@ -105,8 +78,8 @@ def _rows8(wf, x, y, r, n, pnext):
         y5 += u32_as_f32(np.uint32(wf[b5 + k]) << 16) * xv
         y6 += u32_as_f32(np.uint32(wf[b6 + k]) << 16) * xv
         y7 += u32_as_f32(np.uint32(wf[b7 + k]) << 16) * xv
-    y[r] = y0; y[r + 1] = y1; y[r + 2] = y2; y[r + 3] = y3  # noqa: E702
-    y[r + 4] = y4; y[r + 5] = y5; y[r + 6] = y6; y[r + 7] = y7  # noqa: E702
+    y[r] = y0; y[r + 1] = y1; y[r + 2] = y2; y[r + 3] = y3
+    y[r + 4] = y4; y[r + 5] = y5; y[r + 6] = y6; y[r + 7] = y7
 
 
 @njit(fastmath=FM, cache=True)
@@ -132,23 +105,27 @@ def _bf16_gemv(w, x, y):
         r = 8 * b
         _rows8(wf, x, y, r, n, 8 if r + 16 <= out else 0)
     r = 8 * nb
-    if r + 4 <= out:
-        _rows4(wf, x, 0, y, 0, r, n, 0)
+    if r + 4 <= out:            # a last 4-row block: _rows8 on a zero-padded copy (its rows' bits)
+        pad = np.zeros(8 * n, np.uint16)
+        pad[:4 * n] = wf[r * n:(r + 4) * n]
+        y8 = np.empty(8, np.float32)
+        _rows8(pad, x, y8, 0, n, 0)
+        y[r:r + 4] = y8[:4]
         r += 4
     for rr in range(r, out):
         _row1(wf, x, 0, y, 0, rr, n)
 
 
 @njit(fastmath=FM, cache=True)
-def _decode_tile(wf, n, r0, nr, k0, K, tile):
+def _decode_tile(wt, r0, nr, ch, tile):
+    """tiled_gemm's decoder: wt = (w flat, in)."""
+    wf, n = wt
+    K = TILE_K
+    k0 = ch * K
     nk = min(K, n - k0)
     nv = nk // 16 * 16
-    for rr in range(4):
+    for rr in range(nr):
         base = rr * K
-        if rr >= nr:
-            for k in range(K):
-                tile[base + k] = 0.0
-            continue
         src = (r0 + rr) * n + k0
         for k in range(0, nv, 16):
             store_f32(tile, base + k, _w(wf, src + k))
@@ -162,24 +139,7 @@ def _bf16_tiles(w, xp, T, Y, RB):
     """RB row blocks (of 4 rows) per task, chunk-major: each activation chunk is reused from L2 by
     RB blocks before the next one is loaded (not streamed from L3 once per 4 rows)."""
     out, n = w.shape
-    Tp, Kp = xp.shape
-    K = TILE_K
-    nch = (n + K - 1) // K
-    wf = w.reshape(-1)
-    xpf = xp.reshape(-1)
-    nb = (out + 3) // 4
-    S = Tp * 64
-    for g in prange((nb + RB - 1) // RB):
-        tile = np.empty(4 * K, np.float32)
-        acc = np.zeros(RB * S, np.float32)
-        b0 = g * RB
-        nj = min(RB, nb - b0)
-        for ch in range(nch):
-            for j in range(nj):
-                r0 = 4 * (b0 + j)
-                _decode_tile(wf, n, r0, min(4, out - r0), ch * K, K, tile)
-                mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
-        blocks_to_out(acc, S, T, b0, nj, out, Y)
+    tiled_gemm(_decode_tile, (w.reshape(-1), n), out, (n + TILE_K - 1) // TILE_K, xp, T, Y, RB)
 
 
 def bf16_gemv(w, x, out=None):

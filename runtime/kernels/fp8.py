@@ -7,7 +7,8 @@ Shape legend: out = rows, in = columns, T = tokens, b0 x b1 = scale block.
 
 e4m3fn: sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no infinities, NaN only at 0x7F/0xFF,
 subnormals at exponent 0. FP8_E4M3_LUT is the 256-entry float32 table (tested against
-ml_dtypes.float8_e4m3fn for all codes); the references use it.
+ml_dtypes.float8_e4m3fn for all codes); the scalar tails use it. The references dequantize with
+offload.formats' dequantize_fp8_block (the one copy of the format).
 
 The kernels decode arithmetically (a table lookup would be a gather per element): the code's bits
 are moved into an IEEE half equal to value * 2^-8 (sign-extend to 16 bits, << 7, & 0xBF80; fp8
@@ -26,12 +27,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from kimi_desktop.offload.formats import dequantize_fp8_block
 from ._common import FM, as_u8, check, out_array
 from ._simd import fma, fmul, hsum, load_e4m3, load_f32, prefetch, splat_f32, store_f32, zeros_f32
 from ._launch import twin
-from ._tile import TILE_K, blocks_to_out, mk4x4, pad_tokens, row_blocks_per_task
+from ._tile import TILE_K, pad_tokens, row_blocks_per_task, tiled_gemm
 
-__all__ = ["FP8_E4M3_LUT", "fp8_to_f32", "fp8_dequant_ref", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_gemv", "fp8_gemm"]
+__all__ = ["FP8_E4M3_LUT", "fp8_gemv_ref", "fp8_gemm_ref", "fp8_gemv", "fp8_gemm"]
 
 
 def _e4m3fn_table() -> np.ndarray:
@@ -60,20 +62,12 @@ def _block(block) -> tuple[int, int]:
     return int(b[0]), int(b[1])
 
 
-def fp8_dequant_ref(w, scale_inv, block=(128, 128)) -> np.ndarray:
-    """W float32 [out, in] = LUT[w] * scale_inv[r // b0, c // b1]."""
-    b0, b1 = _block(block)
-    out, n = w.shape
-    s = np.repeat(np.repeat(scale_inv, b0, axis=0)[:out], b1, axis=1)[:, :n]
-    return FP8_E4M3_LUT[w.view(np.uint8)] * s
-
-
 def fp8_gemv_ref(w, scale_inv, x, block=(128, 128)):
-    return fp8_dequant_ref(w, scale_inv, block) @ x.astype(np.float32)
+    return dequantize_fp8_block(w, scale_inv, _block(block)) @ x.astype(np.float32)
 
 
 def fp8_gemm_ref(w, scale_inv, X, block=(128, 128)):
-    return X.astype(np.float32) @ fp8_dequant_ref(w, scale_inv, block).T
+    return X.astype(np.float32) @ dequantize_fp8_block(w, scale_inv, _block(block)).T
 
 
 # ----------------------------------------------------------------------------- decode
@@ -89,43 +83,25 @@ def _dec1(code, lut):
     return lut[np.int64(code) & 0xFF]
 
 
-@njit(fastmath=FM, cache=True)
-def _decode_flat(wf, lut, out):
-    n = wf.shape[0]
-    nv = n // 16 * 16
-    for k in range(0, nv, 16):
-        store_f32(out, k, fmul(_dec(wf, k), splat_f32(_TWO8)))
-    for k in range(nv, n):
-        out[k] = _dec1(wf[k], lut)
-
-
-def fp8_to_f32(w) -> np.ndarray:
-    """Decode e4m3fn codes (uint8 / float8_e4m3fn, any shape) to float32 with the kernels' vector decoder."""
-    w = as_u8(np.ascontiguousarray(w), "w", np.ndim(w))
-    out = np.empty(w.shape, np.float32)
-    _decode_flat(w.view(np.int8).reshape(-1), FP8_E4M3_LUT, out.reshape(-1))
-    return out
-
-
 # ----------------------------------------------------------------------------- GEMV
 
 @njit(fastmath=FM, cache=True)
 def _rows4(wf, sf, lut, x, y, r, n, ncb, b0, b1, pnext):
     """y[r .. r+3]; b1 % 16 == 0."""
-    w0 = r * n; w1 = w0 + n; w2 = w1 + n; w3 = w2 + n  # noqa: E702
-    s0 = (r // b0) * ncb; s1 = ((r + 1) // b0) * ncb; s2 = ((r + 2) // b0) * ncb; s3 = ((r + 3) // b0) * ncb  # noqa: E702,E501
-    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
-    y0 = np.float32(0.0); y1 = np.float32(0.0); y2 = np.float32(0.0); y3 = np.float32(0.0)  # noqa: E702
+    w0 = r * n; w1 = w0 + n; w2 = w1 + n; w3 = w2 + n
+    s0 = (r // b0) * ncb; s1 = ((r + 1) // b0) * ncb; s2 = ((r + 2) // b0) * ncb; s3 = ((r + 3) // b0) * ncb
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()
+    y0 = np.float32(0.0); y1 = np.float32(0.0); y2 = np.float32(0.0); y3 = np.float32(0.0)
     pn = pnext * n
     for cb in range(ncb):
         k0 = cb * b1
         k1 = min(k0 + b1, n)
         kv = k0 + (k1 - k0) // 16 * 16
-        t0 = zeros_f32(); t1 = zeros_f32(); t2 = zeros_f32(); t3 = zeros_f32()  # noqa: E702
+        t0 = zeros_f32(); t1 = zeros_f32(); t2 = zeros_f32(); t3 = zeros_f32()
         for k in range(k0, kv, 16):
             if (k & 63) == 0:
-                prefetch(wf, w0 + pn + k); prefetch(wf, w1 + pn + k)  # noqa: E702
-                prefetch(wf, w2 + pn + k); prefetch(wf, w3 + pn + k)  # noqa: E702
+                prefetch(wf, w0 + pn + k); prefetch(wf, w1 + pn + k)
+                prefetch(wf, w2 + pn + k); prefetch(wf, w3 + pn + k)
             xv = load_f32(x, k)
             t0 = fma(_dec(wf, w0 + k), xv, t0)
             t1 = fma(_dec(wf, w1 + k), xv, t1)
@@ -136,15 +112,15 @@ def _rows4(wf, sf, lut, x, y, r, n, ncb, b0, b1, pnext):
         a2 = fma(t2, splat_f32(sf[s2 + cb] * _TWO8), a2)
         a3 = fma(t3, splat_f32(sf[s3 + cb] * _TWO8), a3)
         if kv < k1:
-            u0 = np.float32(0.0); u1 = np.float32(0.0); u2 = np.float32(0.0); u3 = np.float32(0.0)  # noqa: E702
+            u0 = np.float32(0.0); u1 = np.float32(0.0); u2 = np.float32(0.0); u3 = np.float32(0.0)
             for k in range(kv, k1):
                 xv = x[k]
                 u0 += _dec1(wf[w0 + k], lut) * xv
                 u1 += _dec1(wf[w1 + k], lut) * xv
                 u2 += _dec1(wf[w2 + k], lut) * xv
                 u3 += _dec1(wf[w3 + k], lut) * xv
-            y0 += u0 * sf[s0 + cb]; y1 += u1 * sf[s1 + cb]; y2 += u2 * sf[s2 + cb]; y3 += u3 * sf[s3 + cb]  # noqa: E702,E501
-    y[r] = hsum(a0) + y0; y[r + 1] = hsum(a1) + y1; y[r + 2] = hsum(a2) + y2; y[r + 3] = hsum(a3) + y3  # noqa: E702,E501
+            y0 += u0 * sf[s0 + cb]; y1 += u1 * sf[s1 + cb]; y2 += u2 * sf[s2 + cb]; y3 += u3 * sf[s3 + cb]
+    y[r] = hsum(a0) + y0; y[r + 1] = hsum(a1) + y1; y[r + 2] = hsum(a2) + y2; y[r + 3] = hsum(a3) + y3
 
 
 @njit(fastmath=FM, cache=True)
@@ -186,16 +162,16 @@ def _fp8_gemv(w, scale_inv, b0, b1, lut, x, y):
 # ----------------------------------------------------------------------------- GEMM (tiles)
 
 @njit(fastmath=FM, cache=True)
-def _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, nr, k0, K, tile):
+def _decode_tile(wt, r0, nr, ch, tile):
+    """tiled_gemm's decoder: wt = (w flat, scale_inv flat, lut, in, column blocks, b0, b1)."""
+    wf, sf, lut, n, ncb, b0, b1 = wt
+    K = TILE_K
+    k0 = ch * K
     nk = min(K, n - k0)
     vec = b1 % 16 == 0
     nv = nk // 16 * 16 if vec else 0
-    for rr in range(4):
+    for rr in range(nr):
         base = rr * K
-        if rr >= nr:
-            for k in range(K):
-                tile[base + k] = 0.0
-            continue
         r = r0 + rr
         src = r * n + k0
         srow = (r // b0) * ncb
@@ -212,28 +188,10 @@ def _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, nr, k0, K, tile):
 @twin
 @njit(parallel=True, nogil=True, cache=True)
 def _fp8_tiles(w, scale_inv, b0, b1, lut, xp, T, Y, RB):
-    """RB row blocks per task, chunk-major (as _bf16_tiles)."""
+    """RB row blocks per task, chunk-major (tiled_gemm)."""
     out, n = w.shape
-    ncb = scale_inv.shape[1]
-    Tp, Kp = xp.shape
-    K = TILE_K
-    nch = (n + K - 1) // K
-    wf = w.reshape(-1)
-    sf = scale_inv.reshape(-1)
-    xpf = xp.reshape(-1)
-    nb = (out + 3) // 4
-    S = Tp * 64
-    for g in prange((nb + RB - 1) // RB):
-        tile = np.empty(4 * K, np.float32)
-        acc = np.zeros(RB * S, np.float32)
-        bb = g * RB
-        nj = min(RB, nb - bb)
-        for ch in range(nch):
-            for j in range(nj):
-                r0 = 4 * (bb + j)
-                _decode_tile(wf, sf, lut, n, ncb, b0, b1, r0, min(4, out - r0), ch * K, K, tile)
-                mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
-        blocks_to_out(acc, S, T, bb, nj, out, Y)
+    wt = (w.reshape(-1), scale_inv.reshape(-1), lut, n, scale_inv.shape[1], b0, b1)
+    tiled_gemm(_decode_tile, wt, out, (n + TILE_K - 1) // TILE_K, xp, T, Y, RB)
 
 
 # ----------------------------------------------------------------------------- launchers

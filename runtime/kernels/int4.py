@@ -35,45 +35,32 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._common import FM, as_i32, as_u16, bf16_to_f32, check, out_array
+from kimi_desktop.offload.formats import dequantize_int4
+from ._common import FM, as_i32, as_u16, check, out_array
 from ._simd import (fma, fmul, fsub, hsum, i2f, iand, ilshr, load_bf16_rep4, load_f32, load_i32,
                     prefetch_l2, splat_f32, splat_i32, store_f32, u32_as_f32, zeros_f32)
 from ._launch import twin
-from ._tile import blocks_to_out, mk4x4, row_blocks_per_task
+from ._tile import TILE_K, row_blocks_per_task, tiled_gemm
 
 GROUP = 32
 DIRECT_T_MAX = 6      # GEMM: up to this many tokens, GEMV loop (2 tokens per pass); above, fp32 tiles
                       # (measured at K2 expert shapes: T = 4, 5, 6 take 0.92, 1.19, 1.40 ms vs 1.07, 1.61, 1.65)
-TILE_W = 64           # GEMM tile: words per tile row (512 columns)
+TILE_W = TILE_K // 8  # GEMM tile: words per tile row (512 columns)
 
-__all__ = ["int4_unpack_ref", "int4_dequant_ref", "int4_gemv_ref", "int4_gemm_ref",
-           "int4_gemv", "int4_gemm"]
+__all__ = ["int4_gemv_ref", "int4_gemm_ref", "int4_gemv", "int4_gemm"]
 
 
 # ----------------------------------------------------------------------------- numpy references
-
-def int4_unpack_ref(packed: np.ndarray) -> np.ndarray:
-    """packed int32 [out, W] -> q int8 [out, 8W] in -8..7."""
-    u = (packed.view(np.uint32)[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
-    return (u.reshape(packed.shape[0], -1).astype(np.int16) - 8).astype(np.int8)
-
-
-def int4_dequant_ref(packed: np.ndarray, scale: np.ndarray, in_features: int | None = None) -> np.ndarray:
-    """W float32 [out, in] = q * scale (exact in float32)."""
-    q = int4_unpack_ref(packed)
-    s = bf16_to_f32(scale.view(np.uint16) if scale.dtype != np.uint16 else scale)
-    n = q.shape[1] if in_features is None else in_features
-    return q[:, :n].astype(np.float32) * np.repeat(s, GROUP, axis=1)[:, :n]
-
+# (W from offload.formats' dequantize_int4: the one copy of the unpacking)
 
 def int4_gemv_ref(packed, scale, x):
     """y[out] = W @ x in float32 (numpy)."""
-    return int4_dequant_ref(packed, scale, x.shape[0]) @ x.astype(np.float32)
+    return dequantize_int4(packed, scale, x.shape[0], GROUP) @ x.astype(np.float32)
 
 
 def int4_gemm_ref(packed, scale, X):
     """Y[T, out] = X @ W.T in float32 (numpy)."""
-    return X.astype(np.float32) @ int4_dequant_ref(packed, scale, X.shape[1]).T
+    return X.astype(np.float32) @ dequantize_int4(packed, scale, X.shape[1], GROUP).T
 
 
 # ----------------------------------------------------------------------------- activation prep
@@ -144,32 +131,42 @@ def _tail_word(pf, sf, xf, xfo, r, w, W, G):
     return s * u32_as_f32(np.uint32(sf[r * G + (w >> 2)]) << 16)
 
 
-@njit(fastmath=FM, cache=True)
-def _gemv_rows4(pf, sf, xs, xo, c, co, xf, xfo, y, yo, r, W, G, pnext):
-    """y[yo + r .. r+3] = 4 rows starting at r; prefetches the block `pnext` rows further on."""
-    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
-    b0 = r * W; b1 = b0 + W; b2 = b1 + W; b3 = b2 + W  # noqa: E702
-    s0 = r * G; s1 = s0 + G; s2 = s1 + G; s3 = s2 + G  # noqa: E702
-    pw = pnext * W
-    ps = pnext * G
-    Wv = W // 16 * 16
-    for w in range(0, Wv, 16):
-        prefetch_l2(pf, b0 + pw + w); prefetch_l2(pf, b1 + pw + w)  # noqa: E702
-        prefetch_l2(pf, b2 + pw + w); prefetch_l2(pf, b3 + pw + w)  # noqa: E702
-        g = w >> 2
-        prefetch_l2(sf, s0 + ps + g); prefetch_l2(sf, s1 + ps + g)  # noqa: E702
-        prefetch_l2(sf, s2 + ps + g); prefetch_l2(sf, s3 + ps + g)  # noqa: E702
-        a0 = fma(_word_dot(load_i32(pf, b0 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s0 + g), a0)
-        a1 = fma(_word_dot(load_i32(pf, b1 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s1 + g), a1)
-        a2 = fma(_word_dot(load_i32(pf, b2 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s2 + g), a2)
-        a3 = fma(_word_dot(load_i32(pf, b3 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s3 + g), a3)
-    y0 = hsum(a0); y1 = hsum(a1); y2 = hsum(a2); y3 = hsum(a3)  # noqa: E702
+@njit(fastmath=FM, cache=True, inline="always")
+def _tail_rows4(pf, sf, xf, xfo, r, Wv, W, G, y0, y1, y2, y3, y, yo):
+    """y[yo + r + i] = y_i + the scalar dots of words Wv .. W-1 (the W % 16 tail) of rows r + i."""
     for w in range(Wv, W):
         y0 += _tail_word(pf, sf, xf, xfo, r, w, W, G)
         y1 += _tail_word(pf, sf, xf, xfo, r + 1, w, W, G)
         y2 += _tail_word(pf, sf, xf, xfo, r + 2, w, W, G)
         y3 += _tail_word(pf, sf, xf, xfo, r + 3, w, W, G)
-    y[yo + r] = y0; y[yo + r + 1] = y1; y[yo + r + 2] = y2; y[yo + r + 3] = y3  # noqa: E702
+    y[yo + r] = y0; y[yo + r + 1] = y1; y[yo + r + 2] = y2; y[yo + r + 3] = y3
+
+
+@njit(cache=True, inline="always")
+def _prefetch_rows4(pf, sf, r, W, G, w):
+    """Prefetch (to L2) word w of the packed rows r .. r+3 and their scales."""
+    b = r * W
+    s = r * G
+    prefetch_l2(pf, b + w); prefetch_l2(pf, b + W + w); prefetch_l2(pf, b + 2 * W + w); prefetch_l2(pf, b + 3 * W + w)
+    g = w >> 2
+    prefetch_l2(sf, s + g); prefetch_l2(sf, s + G + g); prefetch_l2(sf, s + 2 * G + g); prefetch_l2(sf, s + 3 * G + g)
+
+
+@njit(fastmath=FM, cache=True)
+def _gemv_rows4(pf, sf, xs, xo, c, co, xf, xfo, y, yo, r, W, G, pnext):
+    """y[yo + r .. r+3] = 4 rows starting at r; prefetches the block `pnext` rows further on."""
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()
+    b0 = r * W; b1 = b0 + W; b2 = b1 + W; b3 = b2 + W
+    s0 = r * G; s1 = s0 + G; s2 = s1 + G; s3 = s2 + G
+    Wv = W // 16 * 16
+    for w in range(0, Wv, 16):
+        _prefetch_rows4(pf, sf, r + pnext, W, G, w)
+        g = w >> 2
+        a0 = fma(_word_dot(load_i32(pf, b0 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s0 + g), a0)
+        a1 = fma(_word_dot(load_i32(pf, b1 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s1 + g), a1)
+        a2 = fma(_word_dot(load_i32(pf, b2 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s2 + g), a2)
+        a3 = fma(_word_dot(load_i32(pf, b3 + w), xs, xo + w, c, co + w, W), load_bf16_rep4(sf, s3 + g), a3)
+    _tail_rows4(pf, sf, xf, xfo, r, Wv, W, G, hsum(a0), hsum(a1), hsum(a2), hsum(a3), y, yo)
 
 
 @njit(fastmath=FM, cache=True, inline="always")
@@ -178,61 +175,49 @@ def _word_dot2(v, xs, xa, xb, c, ca, cb, W):
     ta = fsub(zeros_f32(), load_f32(c, ca))
     tb = fsub(zeros_f32(), load_f32(c, cb))
     q = i2f(iand(v, splat_i32(0xF)))
-    ta = fma(q, load_f32(xs, xa), ta); tb = fma(q, load_f32(xs, xb), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa), ta); tb = fma(q, load_f32(xs, xb), tb)
     q = i2f(iand(v, splat_i32(0xF0)))
-    ta = fma(q, load_f32(xs, xa + W), ta); tb = fma(q, load_f32(xs, xb + W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + W), ta); tb = fma(q, load_f32(xs, xb + W), tb)
     q = i2f(iand(v, splat_i32(0xF00)))
-    ta = fma(q, load_f32(xs, xa + 2 * W), ta); tb = fma(q, load_f32(xs, xb + 2 * W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + 2 * W), ta); tb = fma(q, load_f32(xs, xb + 2 * W), tb)
     q = i2f(iand(v, splat_i32(0xF000)))
-    ta = fma(q, load_f32(xs, xa + 3 * W), ta); tb = fma(q, load_f32(xs, xb + 3 * W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + 3 * W), ta); tb = fma(q, load_f32(xs, xb + 3 * W), tb)
     q = i2f(iand(v, splat_i32(0xF0000)))
-    ta = fma(q, load_f32(xs, xa + 4 * W), ta); tb = fma(q, load_f32(xs, xb + 4 * W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + 4 * W), ta); tb = fma(q, load_f32(xs, xb + 4 * W), tb)
     q = i2f(iand(v, splat_i32(0xF00000)))
-    ta = fma(q, load_f32(xs, xa + 5 * W), ta); tb = fma(q, load_f32(xs, xb + 5 * W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + 5 * W), ta); tb = fma(q, load_f32(xs, xb + 5 * W), tb)
     q = i2f(iand(v, splat_i32(0xF000000)))
-    ta = fma(q, load_f32(xs, xa + 6 * W), ta); tb = fma(q, load_f32(xs, xb + 6 * W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + 6 * W), ta); tb = fma(q, load_f32(xs, xb + 6 * W), tb)
     q = i2f(ilshr(v, 28))
-    ta = fma(q, load_f32(xs, xa + 7 * W), ta); tb = fma(q, load_f32(xs, xb + 7 * W), tb)  # noqa: E702
+    ta = fma(q, load_f32(xs, xa + 7 * W), ta); tb = fma(q, load_f32(xs, xb + 7 * W), tb)
     return ta, tb
 
 
 @njit(fastmath=FM, cache=True)
 def _gemv_rows4_t2(pf, sf, xs, xa, xb, c, ca, cb, xf, fa, fb, y, ya, yb, r, W, G, pnext):
     """_gemv_rows4 for two tokens at once (a, b): one decode, two FMA chains."""
-    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()  # noqa: E702
-    b0_ = zeros_f32(); b1_ = zeros_f32(); b2_ = zeros_f32(); b3_ = zeros_f32()  # noqa: E702
-    b0 = r * W; b1 = b0 + W; b2 = b1 + W; b3 = b2 + W  # noqa: E702
-    s0 = r * G; s1 = s0 + G; s2 = s1 + G; s3 = s2 + G  # noqa: E702
-    pw = pnext * W
-    ps = pnext * G
+    a0 = zeros_f32(); a1 = zeros_f32(); a2 = zeros_f32(); a3 = zeros_f32()
+    b0_ = zeros_f32(); b1_ = zeros_f32(); b2_ = zeros_f32(); b3_ = zeros_f32()
+    b0 = r * W; b1 = b0 + W; b2 = b1 + W; b3 = b2 + W
+    s0 = r * G; s1 = s0 + G; s2 = s1 + G; s3 = s2 + G
     Wv = W // 16 * 16
     for w in range(0, Wv, 16):
-        prefetch_l2(pf, b0 + pw + w); prefetch_l2(pf, b1 + pw + w)  # noqa: E702
-        prefetch_l2(pf, b2 + pw + w); prefetch_l2(pf, b3 + pw + w)  # noqa: E702
+        _prefetch_rows4(pf, sf, r + pnext, W, G, w)
         g = w >> 2
-        prefetch_l2(sf, s0 + ps + g); prefetch_l2(sf, s1 + ps + g)  # noqa: E702
-        prefetch_l2(sf, s2 + ps + g); prefetch_l2(sf, s3 + ps + g)  # noqa: E702
         sc = load_bf16_rep4(sf, s0 + g)
         ta, tb = _word_dot2(load_i32(pf, b0 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
-        a0 = fma(ta, sc, a0); b0_ = fma(tb, sc, b0_)  # noqa: E702
+        a0 = fma(ta, sc, a0); b0_ = fma(tb, sc, b0_)
         sc = load_bf16_rep4(sf, s1 + g)
         ta, tb = _word_dot2(load_i32(pf, b1 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
-        a1 = fma(ta, sc, a1); b1_ = fma(tb, sc, b1_)  # noqa: E702
+        a1 = fma(ta, sc, a1); b1_ = fma(tb, sc, b1_)
         sc = load_bf16_rep4(sf, s2 + g)
         ta, tb = _word_dot2(load_i32(pf, b2 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
-        a2 = fma(ta, sc, a2); b2_ = fma(tb, sc, b2_)  # noqa: E702
+        a2 = fma(ta, sc, a2); b2_ = fma(tb, sc, b2_)
         sc = load_bf16_rep4(sf, s3 + g)
         ta, tb = _word_dot2(load_i32(pf, b3 + w), xs, xa + w, xb + w, c, ca + w, cb + w, W)
-        a3 = fma(ta, sc, a3); b3_ = fma(tb, sc, b3_)  # noqa: E702
-    ya0 = hsum(a0); ya1 = hsum(a1); ya2 = hsum(a2); ya3 = hsum(a3)  # noqa: E702
-    yb0 = hsum(b0_); yb1 = hsum(b1_); yb2 = hsum(b2_); yb3 = hsum(b3_)  # noqa: E702
-    for w in range(Wv, W):
-        ya0 += _tail_word(pf, sf, xf, fa, r, w, W, G); yb0 += _tail_word(pf, sf, xf, fb, r, w, W, G)  # noqa: E702
-        ya1 += _tail_word(pf, sf, xf, fa, r + 1, w, W, G); yb1 += _tail_word(pf, sf, xf, fb, r + 1, w, W, G)  # noqa: E702,E501
-        ya2 += _tail_word(pf, sf, xf, fa, r + 2, w, W, G); yb2 += _tail_word(pf, sf, xf, fb, r + 2, w, W, G)  # noqa: E702,E501
-        ya3 += _tail_word(pf, sf, xf, fa, r + 3, w, W, G); yb3 += _tail_word(pf, sf, xf, fb, r + 3, w, W, G)  # noqa: E702,E501
-    y[ya + r] = ya0; y[ya + r + 1] = ya1; y[ya + r + 2] = ya2; y[ya + r + 3] = ya3  # noqa: E702
-    y[yb + r] = yb0; y[yb + r + 1] = yb1; y[yb + r + 2] = yb2; y[yb + r + 3] = yb3  # noqa: E702
+        a3 = fma(ta, sc, a3); b3_ = fma(tb, sc, b3_)
+    _tail_rows4(pf, sf, xf, fa, r, Wv, W, G, hsum(a0), hsum(a1), hsum(a2), hsum(a3), y, ya)
+    _tail_rows4(pf, sf, xf, fb, r, Wv, W, G, hsum(b0_), hsum(b1_), hsum(b2_), hsum(b3_), y, yb)
 
 
 @njit(fastmath=FM, cache=True)
@@ -281,17 +266,17 @@ def _int4_direct(packed, scale, xs, c, xf, Y):
 # ----------------------------------------------------------------------------- GEMM (tiles)
 
 @njit(fastmath=FM, cache=True)
-def _decode_tile(pf, sf, W, G, r0, nr, w0, CW, tile):
-    """tile[rr, j, ww] = q * s for rows r0 + rr (rr < nr; else 0), words w0 + ww (0 past W)."""
+def _decode_tile(wt, r0, nr, ch, tile):
+    """tiled_gemm's decoder, wt = (packed flat, scale flat, W, G): tile[rr, j, ww] = q * s for rows
+    r0 + rr (rr < nr), words ch * TILE_W + ww (0 past W)."""
+    pf, sf, W, G = wt
+    CW = TILE_W
     K = 8 * CW
+    w0 = ch * CW
     nw = min(CW, W - w0)
     nv = nw // 16 * 16
-    for rr in range(4):
+    for rr in range(nr):
         base = rr * K
-        if rr >= nr:
-            for k in range(K):
-                tile[base + k] = 0.0
-            continue
         r = r0 + rr
         for ww in range(0, nv, 16):
             v = load_i32(pf, r * W + w0 + ww)
@@ -315,29 +300,10 @@ def _decode_tile(pf, sf, W, G, r0, nr, w0, CW, tile):
 @twin
 @njit(parallel=True, nogil=True, cache=True)
 def _int4_tiles(packed, scale, xp, T, Y, RB):
-    """RB row blocks per task, chunk-major (as _bf16_tiles)."""
+    """RB row blocks per task, chunk-major (tiled_gemm)."""
     out, W = packed.shape
-    G = scale.shape[1]
-    Tp, Kp = xp.shape
-    CW = TILE_W
-    K = 8 * CW
-    nch = (W + CW - 1) // CW
-    pf = packed.reshape(-1)
-    sf = scale.reshape(-1)
-    xpf = xp.reshape(-1)
-    nb = (out + 3) // 4
-    S = Tp * 64
-    for g in prange((nb + RB - 1) // RB):
-        tile = np.empty(4 * K, np.float32)
-        acc = np.zeros(RB * S, np.float32)
-        b0 = g * RB
-        nj = min(RB, nb - b0)
-        for ch in range(nch):
-            for j in range(nj):
-                r0 = 4 * (b0 + j)
-                _decode_tile(pf, sf, W, G, r0, min(4, out - r0), ch * CW, CW, tile)
-                mk4x4(tile, K, xpf, Kp, ch * K, Tp, acc[j * S:(j + 1) * S])
-        blocks_to_out(acc, S, T, b0, nj, out, Y)
+    wt = (packed.reshape(-1), scale.reshape(-1), W, scale.shape[1])
+    tiled_gemm(_decode_tile, wt, out, (W + TILE_W - 1) // TILE_W, xp, T, Y, RB)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -142,12 +142,12 @@ def bench_gemm(T: int, out: int, n: int, seconds: float, rng) -> dict:
 
 def bench_mla(N: int, seconds: float, rng, H: int = 64, R: int = 512, P: int = 64) -> dict:
     from .mla import mla_decode_absorbed, mla_decode_absorbed_ref
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
     ql, qp, kv, pe = f(H, R), f(H, P), f(N, R), f(N, P)
     flops = 2.0 * H * N * (R + P) + 2.0 * H * N * R
     res = {}
     for name, fn in (("numba", mla_decode_absorbed), ("numpy", mla_decode_absorbed_ref)):
-        med, best = _rate(flops, _timeit(lambda: fn(ql, qp, kv, pe, 0.13), seconds))
+        med, best = _rate(flops, _timeit(lambda fn=fn: fn(ql, qp, kv, pe, 0.13), seconds))
         res[f"{name}_gflops"], res[f"{name}_gflops_best"] = med / 1e9, best / 1e9
         res[f"{name}_ms"] = flops / med * 1e3
     return res

@@ -63,38 +63,27 @@ def _vexp(x):
 @njit(fastmath=FM, cache=True)
 def _qk_tile(Q, D, h0, kvf, pef, R, P, t0, t1, t2, t3, scratch):
     """scratch[hh*4 + tt] = Q[h0+hh] . [kv|pe][t_tt] for hh, tt in 0..3."""
-    c00 = zeros_f32(); c01 = zeros_f32(); c02 = zeros_f32(); c03 = zeros_f32()  # noqa: E702
-    c10 = zeros_f32(); c11 = zeros_f32(); c12 = zeros_f32(); c13 = zeros_f32()  # noqa: E702
-    c20 = zeros_f32(); c21 = zeros_f32(); c22 = zeros_f32(); c23 = zeros_f32()  # noqa: E702
-    c30 = zeros_f32(); c31 = zeros_f32(); c32 = zeros_f32(); c33 = zeros_f32()  # noqa: E702
-    q0 = h0 * D; q1 = q0 + D; q2 = q1 + D; q3 = q2 + D  # noqa: E702
-    k0 = t0 * R; k1 = t1 * R; k2 = t2 * R; k3 = t3 * R  # noqa: E702
-    Rv = R // 16 * 16
-    for d in range(0, Rv, 16):
-        a = load_f32(kvf, k0 + d); b = load_f32(kvf, k1 + d); c = load_f32(kvf, k2 + d); e = load_f32(kvf, k3 + d)  # noqa: E702,E501
-        q = load_f32(Q, q0 + d)
-        c00 = fma(q, a, c00); c01 = fma(q, b, c01); c02 = fma(q, c, c02); c03 = fma(q, e, c03)  # noqa: E702
-        q = load_f32(Q, q1 + d)
-        c10 = fma(q, a, c10); c11 = fma(q, b, c11); c12 = fma(q, c, c12); c13 = fma(q, e, c13)  # noqa: E702
-        q = load_f32(Q, q2 + d)
-        c20 = fma(q, a, c20); c21 = fma(q, b, c21); c22 = fma(q, c, c22); c23 = fma(q, e, c23)  # noqa: E702
-        q = load_f32(Q, q3 + d)
-        c30 = fma(q, a, c30); c31 = fma(q, b, c31); c32 = fma(q, c, c32); c33 = fma(q, e, c33)  # noqa: E702
-    k0 = t0 * P; k1 = t1 * P; k2 = t2 * P; k3 = t3 * P  # noqa: E702
-    q0 += R; q1 += R; q2 += R; q3 += R  # noqa: E702
-    Pv = P // 16 * 16
-    for d in range(0, Pv, 16):
-        a = load_f32(pef, k0 + d); b = load_f32(pef, k1 + d); c = load_f32(pef, k2 + d); e = load_f32(pef, k3 + d)  # noqa: E702,E501
-        q = load_f32(Q, q0 + d)
-        c00 = fma(q, a, c00); c01 = fma(q, b, c01); c02 = fma(q, c, c02); c03 = fma(q, e, c03)  # noqa: E702
-        q = load_f32(Q, q1 + d)
-        c10 = fma(q, a, c10); c11 = fma(q, b, c11); c12 = fma(q, c, c12); c13 = fma(q, e, c13)  # noqa: E702
-        q = load_f32(Q, q2 + d)
-        c20 = fma(q, a, c20); c21 = fma(q, b, c21); c22 = fma(q, c, c22); c23 = fma(q, e, c23)  # noqa: E702
-        q = load_f32(Q, q3 + d)
-        c30 = fma(q, a, c30); c31 = fma(q, b, c31); c32 = fma(q, c, c32); c33 = fma(q, e, c33)  # noqa: E702
+    c00 = zeros_f32(); c01 = zeros_f32(); c02 = zeros_f32(); c03 = zeros_f32()
+    c10 = zeros_f32(); c11 = zeros_f32(); c12 = zeros_f32(); c13 = zeros_f32()
+    c20 = zeros_f32(); c21 = zeros_f32(); c22 = zeros_f32(); c23 = zeros_f32()
+    c30 = zeros_f32(); c31 = zeros_f32(); c32 = zeros_f32(); c33 = zeros_f32()
+    for part in range(2):               # the latent part (kv, R wide), then the rope part (pe, P wide)
+        src, L, qo = (kvf, R, 0) if part == 0 else (pef, P, R)
+        q0 = h0 * D + qo; q1 = q0 + D; q2 = q1 + D; q3 = q2 + D
+        k0 = t0 * L; k1 = t1 * L; k2 = t2 * L; k3 = t3 * L
+        for d in range(0, L // 16 * 16, 16):
+            a = load_f32(src, k0 + d); b = load_f32(src, k1 + d); c = load_f32(src, k2 + d); e = load_f32(src, k3 + d)
+            q = load_f32(Q, q0 + d)
+            c00 = fma(q, a, c00); c01 = fma(q, b, c01); c02 = fma(q, c, c02); c03 = fma(q, e, c03)
+            q = load_f32(Q, q1 + d)
+            c10 = fma(q, a, c10); c11 = fma(q, b, c11); c12 = fma(q, c, c12); c13 = fma(q, e, c13)
+            q = load_f32(Q, q2 + d)
+            c20 = fma(q, a, c20); c21 = fma(q, b, c21); c22 = fma(q, c, c22); c23 = fma(q, e, c23)
+            q = load_f32(Q, q3 + d)
+            c30 = fma(q, a, c30); c31 = fma(q, b, c31); c32 = fma(q, c, c32); c33 = fma(q, e, c33)
     store_f32(scratch, 0, hsum16(c00, c01, c02, c03, c10, c11, c12, c13,
                                  c20, c21, c22, c23, c30, c31, c32, c33))
+    Rv, Pv = R // 16 * 16, P // 16 * 16
     if Rv < R or Pv < P:   # scalar tails of the dot products
         for hh in range(4):
             qb = (h0 + hh) * D
@@ -111,27 +100,27 @@ def _qk_tile(Q, D, h0, kvf, pef, R, P, t0, t1, t2, t3, scratch):
 @njit(fastmath=FM, cache=True)
 def _pv_tile4(Pm, Cs, h0, n, j0, kvf, R, O, rb):
     """O[h0+hh, rb : rb+64] += sum_j Pm[h0+hh, j] kv[j0+j, rb : rb+64], hh in 0..3."""
-    o0 = h0 * R + rb; o1 = o0 + R; o2 = o1 + R; o3 = o2 + R  # noqa: E702
-    a00 = load_f32(O, o0); a01 = load_f32(O, o0 + 16); a02 = load_f32(O, o0 + 32); a03 = load_f32(O, o0 + 48)  # noqa: E702,E501
-    a10 = load_f32(O, o1); a11 = load_f32(O, o1 + 16); a12 = load_f32(O, o1 + 32); a13 = load_f32(O, o1 + 48)  # noqa: E702,E501
-    a20 = load_f32(O, o2); a21 = load_f32(O, o2 + 16); a22 = load_f32(O, o2 + 32); a23 = load_f32(O, o2 + 48)  # noqa: E702,E501
-    a30 = load_f32(O, o3); a31 = load_f32(O, o3 + 16); a32 = load_f32(O, o3 + 32); a33 = load_f32(O, o3 + 48)  # noqa: E702,E501
-    p0 = h0 * Cs; p1 = p0 + Cs; p2 = p1 + Cs; p3 = p2 + Cs  # noqa: E702
+    o0 = h0 * R + rb; o1 = o0 + R; o2 = o1 + R; o3 = o2 + R
+    a00 = load_f32(O, o0); a01 = load_f32(O, o0 + 16); a02 = load_f32(O, o0 + 32); a03 = load_f32(O, o0 + 48)
+    a10 = load_f32(O, o1); a11 = load_f32(O, o1 + 16); a12 = load_f32(O, o1 + 32); a13 = load_f32(O, o1 + 48)
+    a20 = load_f32(O, o2); a21 = load_f32(O, o2 + 16); a22 = load_f32(O, o2 + 32); a23 = load_f32(O, o2 + 48)
+    a30 = load_f32(O, o3); a31 = load_f32(O, o3 + 16); a32 = load_f32(O, o3 + 32); a33 = load_f32(O, o3 + 48)
+    p0 = h0 * Cs; p1 = p0 + Cs; p2 = p1 + Cs; p3 = p2 + Cs
     for j in range(n):
         kb = (j0 + j) * R + rb
-        v0 = load_f32(kvf, kb); v1 = load_f32(kvf, kb + 16); v2 = load_f32(kvf, kb + 32); v3 = load_f32(kvf, kb + 48)  # noqa: E702,E501
+        v0 = load_f32(kvf, kb); v1 = load_f32(kvf, kb + 16); v2 = load_f32(kvf, kb + 32); v3 = load_f32(kvf, kb + 48)
         p = splat_f32(Pm[p0 + j])
-        a00 = fma(p, v0, a00); a01 = fma(p, v1, a01); a02 = fma(p, v2, a02); a03 = fma(p, v3, a03)  # noqa: E702
+        a00 = fma(p, v0, a00); a01 = fma(p, v1, a01); a02 = fma(p, v2, a02); a03 = fma(p, v3, a03)
         p = splat_f32(Pm[p1 + j])
-        a10 = fma(p, v0, a10); a11 = fma(p, v1, a11); a12 = fma(p, v2, a12); a13 = fma(p, v3, a13)  # noqa: E702
+        a10 = fma(p, v0, a10); a11 = fma(p, v1, a11); a12 = fma(p, v2, a12); a13 = fma(p, v3, a13)
         p = splat_f32(Pm[p2 + j])
-        a20 = fma(p, v0, a20); a21 = fma(p, v1, a21); a22 = fma(p, v2, a22); a23 = fma(p, v3, a23)  # noqa: E702
+        a20 = fma(p, v0, a20); a21 = fma(p, v1, a21); a22 = fma(p, v2, a22); a23 = fma(p, v3, a23)
         p = splat_f32(Pm[p3 + j])
-        a30 = fma(p, v0, a30); a31 = fma(p, v1, a31); a32 = fma(p, v2, a32); a33 = fma(p, v3, a33)  # noqa: E702
-    store_f32(O, o0, a00); store_f32(O, o0 + 16, a01); store_f32(O, o0 + 32, a02); store_f32(O, o0 + 48, a03)  # noqa: E702,E501
-    store_f32(O, o1, a10); store_f32(O, o1 + 16, a11); store_f32(O, o1 + 32, a12); store_f32(O, o1 + 48, a13)  # noqa: E702,E501
-    store_f32(O, o2, a20); store_f32(O, o2 + 16, a21); store_f32(O, o2 + 32, a22); store_f32(O, o2 + 48, a23)  # noqa: E702,E501
-    store_f32(O, o3, a30); store_f32(O, o3 + 16, a31); store_f32(O, o3 + 32, a32); store_f32(O, o3 + 48, a33)  # noqa: E702,E501
+        a30 = fma(p, v0, a30); a31 = fma(p, v1, a31); a32 = fma(p, v2, a32); a33 = fma(p, v3, a33)
+    store_f32(O, o0, a00); store_f32(O, o0 + 16, a01); store_f32(O, o0 + 32, a02); store_f32(O, o0 + 48, a03)
+    store_f32(O, o1, a10); store_f32(O, o1 + 16, a11); store_f32(O, o1 + 32, a12); store_f32(O, o1 + 48, a13)
+    store_f32(O, o2, a20); store_f32(O, o2 + 16, a21); store_f32(O, o2 + 32, a22); store_f32(O, o2 + 48, a23)
+    store_f32(O, o3, a30); store_f32(O, o3 + 16, a31); store_f32(O, o3 + 32, a32); store_f32(O, o3 + 48, a33)
 
 
 @njit(fastmath=FM, cache=True)

@@ -29,7 +29,7 @@ __all__ = ["mla_prefill_ref", "mla_prefill"]
 
 
 def mla_prefill_ref(q, kvb, pe, start, scale, C):
-    """float32 numpy reference (the model's KERNELS = False path computes the same)."""
+    """float32 numpy reference (the model's kernels=False path computes the same)."""
     T, H, _ = q.shape
     N = kvb.shape[0]
     s = (np.einsum("thc,nhc->htn", q[..., :C], kvb[..., :C])

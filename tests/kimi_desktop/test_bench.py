@@ -42,7 +42,8 @@ def test_bench_runs_both_engines_in_both_regimes(tiny_int4, tmp_path):
 def test_median_run_keeps_one_runs_details():
     from kimi_desktop.bench.run import median_run
 
-    runs = [{"decode_tok_s": d, "prefill_tok_s": p, "stages": i} for i, (d, p) in enumerate([(3, 10), (1, 30), (2, 20)])]
+    runs = [{"decode_tok_s": d, "prefill_tok_s": p, "stages": i}
+            for i, (d, p) in enumerate([(3, 10), (1, 30), (2, 20)])]
     m = median_run(runs + [{"error": ["failed"]}])
     assert m["stages"] == 2 and m["decode_tok_s"] == 2 and m["prefill_tok_s"] == 20
     assert m["decode_tok_s_runs"] == [3, 1, 2]
@@ -84,5 +85,6 @@ def test_cache_variants_run_the_engine_default_beside_fixed_budgets(tiny_int4, t
     assert set(runs) == {"native", "native-pagecache", "native-0.001gib"}
     assert all("error" not in run for run in runs.values()), runs
     assert "fit in" in runs["native"]["expert_cache_choice"]["reason"]      # a tiny model: the page cache
-    assert runs["native-0.001gib"]["expert_cache"]["budget_bytes"] > 0 and "expert_cache" not in runs["native-pagecache"]
+    assert runs["native-0.001gib"]["expert_cache"]["budget_bytes"] > 0
+    assert "expert_cache" not in runs["native-pagecache"]
     assert "Native default (pressure): expert cache: OS page cache" in r.stdout

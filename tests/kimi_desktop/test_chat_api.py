@@ -21,12 +21,13 @@ TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type":
     ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": "10"}, "max_tokens"), ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"seed": 1.5}, "seed"), ({"logprobs": "yes"}, "logprobs"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"seed": 1.5}, "seed"), ({"logprobs": "yes"}, "logprobs"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"stop": [""]}, "stop"), ({"stop": ["x"] * 17}, "stop"),
     ({"stop": [1]}, "stop"), ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"response_format": "json"}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
-    ({"max_reasoning_tokens": -1}, "max_reasoning_tokens"),
+    ({"max_reasoning_tokens": -1}, "max_reasoning_tokens"), ({"repetition_last_n": -1}, "repetition_last_n"),
 ])
 def test_bad_sampling_names_the_parameter(kw, param):
     with pytest.raises(ChatRequestError, match=param) as ei:
@@ -62,6 +63,15 @@ def test_good_requests_pass():
                                              Sampling(response_format={"type": "json_object"}, stop="x"))
     assert choice == ("named", "add") and fmt == ("json_object", None) and tools[0]["name"] == "add"
     assert s.stop_list() == ["x"]
+
+
+def test_sampling_is_the_samplers_config_with_one_validator():
+    from kimi_desktop.runtime.sampling import Sampler, SamplerConfig, SamplingError
+    s = Sampling(temperature=0.5, top_k=3, max_tokens=9)
+    assert isinstance(s, SamplerConfig) and Sampler(s).cfg is s          # the engines sample with it as it is
+    with pytest.raises(SamplingError, match="presence_penalty") as ei:  # the sampler's ranges are the API's
+        SamplerConfig(presence_penalty=2.5).validate()
+    assert ei.value.field == "presence_penalty"
 
 
 def test_sampling_from_openai_body():

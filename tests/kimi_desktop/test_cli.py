@@ -21,18 +21,21 @@ def test_help_lists_the_commands():
     assert r.returncode == 0 and "make-test-model" in r.stdout
 
 
-def test_demo_generate_on_a_fresh_cache_with_concurrent_first_runs(tmp_path):
+def test_demo_generate_and_the_random_model_on_a_fresh_cache_with_concurrent_first_runs(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "kimi_desktop", "generate", "--demo", "--prompt-ids", "1,2,3",
+    gen = [sys.executable, "-m", "kimi_desktop", "generate", "--demo", "--prompt-ids", "1,2,3",
            "--max-new-tokens", "4"]
+    make = [sys.executable, "-c", "from kimi_desktop.demo import random_demo_model_path as p; print(p())"]
     procs = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+                              stderr=subprocess.PIPE, text=True) for cmd in (gen, gen, make, make)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
+    for out, _ in outs[:2]:
         ids = [int(t) for t in out.split()]
         assert 1 <= len(ids) <= 4
     assert outs[0][0] == outs[1][0]                       # same demo model, greedy
+    assert outs[2][0] == outs[3][0]                       # both found the one random model
     demo = next((tmp_path / "kimi-desktop").iterdir())
     assert (demo / "config.json").exists() and (demo / "tiktoken.model").exists()
     assert [p.name for p in (tmp_path / "kimi-desktop").iterdir()] == [demo.name]   # no temp leftovers

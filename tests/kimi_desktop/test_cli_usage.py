@@ -47,8 +47,8 @@ def installed_python(tmp_path_factory):
     root = tmp_path_factory.mktemp("plain-install")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
     venv_python = root / "venv" / "bin" / "python"
-    site = Path(subprocess.check_output([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                        text=True).strip())
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.check_output([str(venv_python), "-c", purelib], text=True).strip())
     deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "numpy").is_dir())
     (site / "test-deps.pth").write_text(deps + "\n")
     setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]

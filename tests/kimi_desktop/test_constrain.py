@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
-from kimi_desktop.constrain import Constrainer, JsonPrefix, ToolSpec
+from kimi_desktop.constrain import Constrainer, JsonPrefix, Step, StepFilter, ToolSpec
 
 DOCS = [
     {"a": 1, "b": [1, 2.5e-3, {"c": None, "d": True}], "é": "x\"\\\u00e9\n\t/"},
@@ -18,7 +19,8 @@ DOCS = [
 
 @pytest.mark.parametrize("doc", DOCS, ids=range(len(DOCS)))
 def test_every_prefix_of_valid_json_is_accepted_and_closable(doc):
-    for text in (json.dumps(doc), json.dumps(doc, ensure_ascii=False, indent=2), json.dumps(doc, separators=(",", ":"))):
+    for text in (json.dumps(doc), json.dumps(doc, ensure_ascii=False, indent=2),
+                 json.dumps(doc, separators=(",", ":"))):
         data = text.encode()
         for i in range(len(data) + 1):
             j = JsonPrefix()
@@ -41,7 +43,7 @@ def test_invalid_json_is_rejected(bad):
     j = JsonPrefix()
     data = bad.encode()
     for i in range(len(data)):
-        if not j.accepts(data[i:i + 1]):
+        if not j.copy().feed(data[i:i + 1]):
             before = j.closing()
             assert not j.feed(data[i:i + 1]) and j.closing() == before
             break
@@ -61,23 +63,23 @@ def test_random_byte_strings_accepted_only_if_completable():
 
 
 def test_top_level_type_and_required_keys():
-    assert not JsonPrefix(top_type="object").accepts(b"[")
-    assert JsonPrefix(top_type="object").accepts(b"{ ") and not JsonPrefix().accepts(b" {")
-    assert not JsonPrefix({"type": "integer"}).accepts(b"1.5")
-    assert JsonPrefix({"type": "integer"}).accepts(b"-12")
-    assert JsonPrefix({"type": ["string", "null"]}).accepts(b"n")
-    assert not JsonPrefix({"type": ["string", "null"]}).accepts(b"1")
+    assert not JsonPrefix(top_type="object").copy().feed(b"[")
+    assert JsonPrefix(top_type="object").copy().feed(b"{ ") and not JsonPrefix().copy().feed(b" {")
+    assert not JsonPrefix({"type": "integer"}).copy().feed(b"1.5")
+    assert JsonPrefix({"type": "integer"}).copy().feed(b"-12")
+    assert JsonPrefix({"type": ["string", "null"]}).copy().feed(b"n")
+    assert not JsonPrefix({"type": ["string", "null"]}).copy().feed(b"1")
     schema = {"type": "object", "required": ["x", "y"],
               "properties": {"x": {"type": "string"}, "y": {"enum": ["aa", "b"]}}}
     j = JsonPrefix(schema)
-    assert not j.accepts(b"{}") and not j.accepts(b'{"x":1}') and j.accepts(b'{"x":1,"y":2}')
+    assert not j.copy().feed(b"{}") and not j.copy().feed(b'{"x":1}') and j.copy().feed(b'{"x":1,"y":2}')
     assert j.closing() == b'{"x":"","y":"aa"}'
     j.feed(b'{"x":"q", "z":[1,')
     assert j.closing() == b'null],"y":"aa"}'
     assert json.loads(b'{"x":"q", "z":[1,' + j.closing()) == {"x": "q", "z": [1, None], "y": "aa"}
     # nested objects are not held to the top-level required list
     j = JsonPrefix(schema)
-    assert j.accepts(b'{"x":{}, "y":{}}')
+    assert j.copy().feed(b'{"x":{}, "y":{}}')
 
 
 def test_multibyte_utf8_split_across_feeds():
@@ -89,7 +91,7 @@ def test_multibyte_utf8_split_across_feeds():
     j = JsonPrefix()
     assert j.feed(b'{"k":"\xe2\x98')
     assert j.closing() == b'\x80"}'
-    assert not JsonPrefix().accepts(b'"\xe2"')          # a lead byte needs continuation bytes
+    assert not JsonPrefix().copy().feed(b'"\xe2"')          # a lead byte needs continuation bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,19 +118,23 @@ class ToyTok:
         return [self.ranks[bytes([b])] for b in text.encode()]
 
 
-def drive(c: Constrainer, rnd: random.Random, vocab: int, limit: int = 500) -> list[int]:
-    """Pick random allowed tokens until the program ends."""
+def allowed(c: Constrainer, step: Step) -> list[int]:
+    """The tokens a step lets the engine draw: StepFilter's mask, then its lazy byte check."""
+    f = StepFilter(c.tok, c.tok.vocab_size)
+    accept = f.accept(step)
+    return [int(t) for t in np.flatnonzero(f.mask(step)) if accept is None or accept(int(t))]
+
+
+def drive(c: Constrainer, rnd: random.Random, limit: int = 500) -> list[int]:
+    """Pick random allowed tokens (the step's fallback when none is) until the program ends."""
     out = []
     for _ in range(limit):
         step = c.step()
         if step is None:
             break
-        if step.force is not None:
-            t = step.force
-        else:
-            ok = [t for t in range(vocab) if c.allows(step, t)]
-            t = rnd.choice(ok) if ok else step.fallback
-        assert c.allows(step, t) or t == step.fallback
+        ok = allowed(c, step)
+        t = step.force if step.force is not None else rnd.choice(ok) if ok else step.fallback
+        assert t is not None
         out.append(t)
         c.advance(t)
     return out
@@ -143,7 +149,7 @@ def test_named_tool_program_yields_one_call(seed):
     tok = ToyTok()
     c = Constrainer(tok, "tools", tools=[ToolSpec("add", {"type": "object", "required": ["a"]})],
                     call_index=2, budget=60, max_reasoning_tokens=5)
-    ids = drive(c, random.Random(seed), tok.vocab_size)
+    ids = drive(c, random.Random(seed))
     text = render(tok, ids)
     assert c.finished and len(ids) <= 60
     body = text.split("</think>")[-1]
@@ -159,7 +165,7 @@ def test_required_tools_program_fits_the_budget(budget):
     tools = [ToolSpec("add", None), ToolSpec("mul", {"type": "object", "properties": {"x": {"type": "number"}}})]
     for seed in range(4):
         c = Constrainer(tok, "tools", tools=tools, multiple=True, budget=budget)
-        ids = drive(c, random.Random(seed), tok.vocab_size)
+        ids = drive(c, random.Random(seed))
         assert c.finished and len(ids) <= budget
         text = render(tok, ids)
         calls = text.split("<|tool_call_begin|>")[1:]
@@ -175,7 +181,7 @@ def test_json_program_closes_before_the_budget(budget):
     tok = ToyTok()
     for seed in range(5):
         c = Constrainer(tok, "json", top_type="object", budget=budget)
-        ids = drive(c, random.Random(seed), tok.vocab_size)
+        ids = drive(c, random.Random(seed))
         assert c.finished and len(ids) <= budget
         text = render(tok, ids).split("</think>")[-1]
         assert text.endswith("<|im_end|>")
@@ -185,19 +191,36 @@ def test_json_program_closes_before_the_budget(budget):
 def test_none_mode_bans_only_tool_tokens():
     tok = ToyTok()
     c = Constrainer(tok, "none")
-    step = c.step()
+    ok = set(allowed(c, c.step()))
     sp = tok.special_ids
-    assert not c.allows(step, sp["<|tool_calls_section_begin|>"]) and not c.allows(step, sp["<|tool_call_begin|>"])
-    assert c.allows(step, sp["<|im_end|>"]) and c.allows(step, 65)
+    assert sp["<|tool_calls_section_begin|>"] not in ok and sp["<|tool_call_begin|>"] not in ok
+    assert sp["<|im_end|>"] in ok and 65 in ok
 
 
 def test_reasoning_is_capped_then_closed():
     tok = ToyTok()
     c = Constrainer(tok, "json", top_type="object", budget=100, max_reasoning_tokens=3)
     sp = tok.special_ids
-    assert c.allows(c.step(), sp["<think>"]) and not c.allows(c.step(), sp["<|im_end|>"])
+    ok = set(allowed(c, c.step()))
+    assert sp["<think>"] in ok and sp["<|im_end|>"] not in ok
     c.advance(sp["<think>"])
     for _ in range(3):
-        assert not c.allows(c.step(), sp["<|im_end|>"])
+        assert sp["<|im_end|>"] not in allowed(c, c.step())
         c.advance(65)
     assert c.step().force == sp["</think>"]
+
+
+def test_step_filter_masks_specials_text_and_the_base_mask():
+    tok = ToyTok()
+    sp = tok.special_ids
+    vocab = tok.vocab_size + 3                      # logits longer than the tokenizer's ids
+    base = np.ones(vocab, dtype=bool)
+    base[66] = False
+    f = StepFilter(tok, vocab, base)
+    m = f.mask(Step(text=True, specials=frozenset({sp["<|im_end|>"]})))
+    assert m[65] and not m[66] and m[sp["<|im_end|>"]] and not m[sp["<think>"]] and not m[tok.vocab_size:].any()
+    m = f.mask(Step(text=False, specials=None, ban=frozenset({sp["[EOS]"]})))
+    assert not m[:tok.num_base].any() and m[sp["<think>"]] and not m[sp["[EOS]"]] and not m[tok.vocab_size:].any()
+    assert f.accept(Step()) is None
+    acc = f.accept(Step(check=lambda b: b == b"{"))
+    assert acc(ord("{")) and not acc(ord("[")) and acc(sp["<think>"])    # the check is for ordinary tokens

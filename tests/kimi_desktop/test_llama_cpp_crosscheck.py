@@ -91,7 +91,7 @@ class LlamaExpertInputs:
 
 
 class _Q8Input:
-    def __init__(self, lin, experts: "Q8Experts", layer: int, e: int, down: bool):
+    def __init__(self, lin, experts: Q8Experts, layer: int, e: int, down: bool):
         self.lin, self.shape = lin, lin.shape
         self.experts, self.layer, self.e, self.down = experts, layer, e, down
 

@@ -8,8 +8,6 @@ wherever the native top-2 logit margin is clear of that noise."""
 from __future__ import annotations
 
 import json
-import re
-import time
 
 import numpy as np
 import pytest
@@ -28,13 +26,13 @@ GGML_TYPE_F32 = 0
 F32_CACHE = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 CLEAR_MARGIN = 0.05             # top-2 logit gap far above llama.cpp's ~1e-5 difference on this file
 
-from tests.kimi_desktop.engine_cases import MSGS, TOOL_HISTORY, TOOLS, cancel_after  # noqa: E402
+from tests.kimi_desktop.engine_cases import (MSGS, TOOL_HISTORY, TOOLS, assert_required_tool_calls,  # noqa: E402
+                                             cancel_after, check_fifo_with_a_cancelled_waiter, spy)
 CONVERSATIONS = [
     MSGS,
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，今天天气怎么样？"}],
     [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Why?"}],
 ]
-CALL_ID = re.compile(r"^functions\.([A-Za-z0-9_]+):(\d+)$")
 
 
 @pytest.fixture(scope="module")
@@ -66,39 +64,13 @@ def native(tiny_int4):
     e.close()
 
 
-class FeedSpy:
-    """Wraps session.feed: records (start time, ids, logits); optionally slows it down."""
-
-    def __init__(self, session, delay=0.0):
-        self.inner, self.delay = session.feed, delay
-        self.calls: list[tuple[float, list[int], np.ndarray]] = []
-
-    def __call__(self, ids, **kw):
-        ids = list(ids)
-        t = time.monotonic()
-        if self.delay:
-            time.sleep(self.delay)
-        out = self.inner(ids, **kw)
-        self.calls.append((t, ids, np.array(out)))
-        return out
-
-    def generated(self):
-        return [i for _, ids, _ in self.calls[1:] for i in ids]
-
-
-def spy(monkeypatch, engine, **kw) -> FeedSpy:
-    s = FeedSpy(engine.session, **kw)
-    monkeypatch.setattr(engine.session, "feed", s)
-    return s
-
-
 def greedy_run(monkeypatch, engine, msgs, n):
     """(result, generated ids, logits before each generated token) of a greedy request."""
     engine.reset()
     f = spy(monkeypatch, engine)
     r = engine.chat(msgs, sampling=Sampling(temperature=0, max_tokens=n)).result()
     monkeypatch.undo()
-    return r, f.generated(), [c[2] for c in f.calls]
+    return r, f.generated(), [c.logits for c in f.calls]
 
 
 def text_of(r):
@@ -203,15 +175,7 @@ def test_tool_choice_required(request, which, seed):
     e = request.getfixturevalue(which)
     r = e.chat(TOOL_HISTORY, tools=TOOLS, tool_choice="required",
                sampling=Sampling(temperature=1.0, seed=seed, max_tokens=60)).result()
-    assert r.finish_reason == "tool_calls" and r.tool_calls and r.content == ""
-    for i, tc in enumerate(r.tool_calls):
-        m = CALL_ID.match(tc["id"])
-        assert m and m.group(1) == tc["name"] and int(m.group(2)) == 1 + i
-        args = json.loads(tc["arguments"])
-        assert isinstance(args, dict)
-        if tc["name"] == "get_weather":
-            assert "city" in args
-    assert r.usage.completion_tokens <= 60
+    assert_required_tool_calls(r, 60)
 
 
 def test_tool_choice_named_and_json_schema(engine_gguf):
@@ -248,7 +212,7 @@ def test_cancel_from_another_thread_stops_within_one_token(engine, monkeypatch):
     s = engine.chat(MSGS, sampling=Sampling(temperature=0, max_tokens=300))
     t_cancel, n_before = cancel_after(s, 3, at_cancel=lambda: len(feed.calls))
     assert t_cancel is not None and s.finish_reason == "cancelled"
-    assert len([c for c in feed.calls if c[0] > t_cancel]) <= 1     # the check comes before every forward pass
+    assert len([c for c in feed.calls if c.t > t_cancel]) <= 1     # the check comes before every forward pass
     assert len(feed.calls) - n_before <= 1
     assert s.usage.completion_tokens < 300
     monkeypatch.undo()
@@ -257,16 +221,7 @@ def test_cancel_from_another_thread_stops_within_one_token(engine, monkeypatch):
 
 def test_fifo_one_at_a_time(engine, monkeypatch):
     spy(monkeypatch, engine, delay=0.003)
-    samp = Sampling(temperature=0, max_tokens=8)
-    s1 = engine.chat(MSGS, sampling=Sampling(temperature=0, max_tokens=30))
-    s2 = engine.chat(MSGS + [{"role": "user", "content": "two"}], sampling=samp)
-    s3 = engine.chat(MSGS + [{"role": "user", "content": "three"}], sampling=samp)
-    assert s1.started.wait(5)
-    s2.cancel()
-    r3, r2, r1 = s3.result(), s2.result(), s1.result()
-    assert r2.finish_reason == "cancelled" and s2.started_at is None
-    assert r1.finish_reason == r3.finish_reason == "length" and s1.finished_at <= s3.started_at
-    assert engine.waiting() == 0
+    check_fifo_with_a_cancelled_waiter(engine)
 
 
 def test_second_turn_reuses_the_prefix(engine, monkeypatch):
@@ -282,7 +237,7 @@ def test_second_turn_reuses_the_prefix(engine, monkeypatch):
     r2 = engine.chat(turn2, sampling=Sampling(temperature=0, max_tokens=4)).result()
     st = engine.stats()
     assert r2.usage.prompt_tokens == len(p2) and r2.usage.cached_prompt_tokens >= len(p1)
-    assert feed.calls[0][1] == p2[r2.usage.cached_prompt_tokens:]
+    assert feed.calls[0].ids == p2[r2.usage.cached_prompt_tokens:]
     assert st["last_prefill_tokens"] == len(p2) - r2.usage.cached_prompt_tokens <= len(p2) - len(p1)
     assert st["evaluated_tokens_total"] - before == st["last_prefill_tokens"] + len(feed.calls) - 1
     assert engine.llm.n_tokens == len(engine.session) and \

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +12,8 @@ from kimi_desktop.chat import (ChatRequestError, ContentDelta, Engine, Finish, R
 from kimi_desktop.engines import open_engine
 from kimi_desktop.engines.native import NativeEngine
 
-from tests.kimi_desktop.engine_cases import MSGS, TOOL_HISTORY, TOOLS, cancel_after
+from tests.kimi_desktop.engine_cases import (MSGS, TOOL_HISTORY, TOOLS, assert_required_tool_calls, cancel_after,
+                                             check_fifo_with_a_cancelled_waiter, spy)
 
 
 @pytest.fixture(scope="module")
@@ -23,32 +21,6 @@ def engine(tiny_int4):
     e = open_engine("native", tiny_int4)
     yield e
     e.close()
-
-
-class FeedSpy:
-    """Wraps session.feed: records (start time, n tokens, ids), optionally slows it down or edits logits."""
-
-    def __init__(self, session, delay=0.0, edit=None):
-        self.inner, self.delay, self.edit = session.feed, delay, edit
-        self.calls: list[tuple[float, int, list[int]]] = []
-
-    def __call__(self, ids, all_logits=False):
-        ids = list(ids)
-        self.calls.append((time.monotonic(), len(ids), ids))
-        if self.delay:
-            time.sleep(self.delay)
-        out = self.inner(ids, all_logits=all_logits)
-        return self.edit(out, len(self.calls)) if self.edit else out
-
-    def generated(self):
-        """Token ids fed after the first (prefill) call."""
-        return [i for _, _, ids in self.calls[1:] for i in ids]
-
-
-def spy(monkeypatch, engine, **kw) -> FeedSpy:
-    s = FeedSpy(engine.session, **kw)
-    monkeypatch.setattr(engine.session, "feed", s)
-    return s
 
 
 def test_protocol_and_stats(engine):
@@ -104,7 +76,7 @@ def test_cancel_from_another_thread_stops_within_one_token(engine, monkeypatch):
     t_cancel, n_before = cancel_after(s, 3, at_cancel=lambda: len(feed.calls))
     assert t_cancel is not None
     assert s.finish_reason == "cancelled"
-    started_after = [c for c in feed.calls if c[0] > t_cancel]
+    started_after = [c for c in feed.calls if c.t > t_cancel]
     assert len(started_after) <= 1                     # the check comes before every forward pass
     assert len(feed.calls) - n_before <= 1
     assert s.usage.completion_tokens < 300
@@ -148,30 +120,18 @@ def test_second_turn_prefills_only_new_tokens(engine, monkeypatch):
     assert r2.usage.prompt_tokens == len(p2)
     assert r2.usage.cached_prompt_tokens >= len(p1)
     assert st["last_prefill_tokens"] == len(p2) - r2.usage.cached_prompt_tokens
-    assert feed.calls[0][1] == st["last_prefill_tokens"] <= len(p2) - len(p1)
+    assert len(feed.calls[0].ids) == st["last_prefill_tokens"] <= len(p2) - len(p1)
     # the same request again: everything but the last prompt token comes from the cache
     r3 = engine.chat(turn2, sampling=Sampling(temperature=0, max_tokens=4)).result()
     assert r3.usage.cached_prompt_tokens == len(p2) - 1 and engine.stats()["last_prefill_tokens"] == 1
     assert r3.content + r3.reasoning == r2.content + r2.reasoning
 
 
-CALL_ID = re.compile(r"^functions\.([A-Za-z0-9_]+):(\d+)$")
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_tool_choice_required(engine, seed):
     r = engine.chat(TOOL_HISTORY, tools=TOOLS, tool_choice="required",
                     sampling=Sampling(temperature=1.0, seed=seed, max_tokens=60)).result()
-    assert r.finish_reason == "tool_calls" and r.tool_calls and r.content == ""
-    for i, tc in enumerate(r.tool_calls):
-        m = CALL_ID.match(tc["id"])
-        assert m and m.group(1) == tc["name"] and int(m.group(2)) == 1 + i
-        assert tc["name"] in ("get_weather", "add")
-        args = json.loads(tc["arguments"])
-        assert isinstance(args, dict)
-        if tc["name"] == "get_weather":
-            assert "city" in args                       # the schema's required key
-    assert r.usage.completion_tokens <= 60
+    assert_required_tool_calls(r, 60)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -215,7 +175,7 @@ def test_tool_choice_none_never_calls(engine, monkeypatch, seed):
     tool_ids = {engine.tokenizer.special_ids[s] for s in ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")}
     assert not tool_ids & set(feed.generated())
     # and the tools were dropped from the prompt
-    assert feed.calls[0][1] + r.usage.cached_prompt_tokens == len(
+    assert len(feed.calls[0].ids) + r.usage.cached_prompt_tokens == len(
         engine.tokenizer.encode(engine.tokenizer.render_chat(MSGS)))
 
 
@@ -271,34 +231,7 @@ def test_logprobs_with_top_n(engine):
 
 def test_fifo_order_and_a_cancelled_waiter_leaves_the_queue(engine, monkeypatch):
     spy(monkeypatch, engine, delay=0.004)
-    samp = Sampling(temperature=0, max_tokens=10)
-    s1 = engine.chat(MSGS, sampling=Sampling(temperature=0, max_tokens=40))
-    s2 = engine.chat(MSGS + [{"role": "user", "content": "two"}], sampling=samp)
-    s3 = engine.chat(MSGS + [{"role": "user", "content": "three"}], sampling=samp)
-    s4 = engine.chat(MSGS + [{"role": "user", "content": "four"}], sampling=samp)
-    assert s1.started.wait(5)
-    assert engine.waiting() == 3
-    s3.cancel()
-    for _ in range(200):
-        if engine.waiting() == 2:
-            break
-        time.sleep(0.005)
-    assert engine.waiting() == 2
-    results = {}
-
-    def consume(name, s):
-        results[name] = s.result()
-    ths = [threading.Thread(target=consume, args=(n, s)) for n, s in (("s4", s4), ("s2", s2), ("s1", s1), ("s3", s3))]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join(30)
-    assert results["s3"].finish_reason == "cancelled" and s3.started_at is None
-    assert results["s3"].usage.completion_tokens == 0
-    assert s1.finished_at <= s2.started_at and s2.finished_at <= s4.started_at
-    assert s1.started_at < s2.started_at < s4.started_at
-    assert all(results[n].finish_reason == "length" for n in ("s1", "s2", "s4"))
-    assert engine.waiting() == 0
+    check_fifo_with_a_cancelled_waiter(engine)
 
 
 def test_bad_requests_raise_before_queueing(engine):

@@ -84,6 +84,80 @@ SCENARIOS = {
 }
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """FakeOpenAI's requests; the model in the body picks the scenario (self.server.fake records them)."""
+
+    def log_message(self, *a):
+        pass
+
+    def _json(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            self._json(200, {"object": "list", "data": [
+                {"id": "chat", "object": "model", "created": 0, "owned_by": "fake"},
+                {"id": "tools", "object": "model", "created": 0, "owned_by": "fake"}]})
+        else:
+            self._json(404, {"error": {"message": "no such path"}})
+
+    def _sse(self, c):
+        self.wfile.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def do_POST(self):
+        fake = self.server.fake
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        fake.requests.append(body)
+        fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+        if self.path != "/v1/chat/completions":
+            return self._json(404, {"error": {"message": "no such path"}})
+        model = body.get("model")
+        if model == "error400":
+            return self._json(400, {"error": {"message": "temperature too high", "param": "temperature",
+                                              "type": "invalid_request_error", "code": "bad_value"}})
+        if model == "error500":
+            return self._json(500, {"error": {"message": "GPU fell over", "type": "server_error"}})
+        if model == "sleepy":
+            time.sleep(1.5)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        if model == "slow":
+            return self._stream_slowly(fake)
+        chunks = SCENARIOS.get(model, SCENARIOS["chat"])
+        for c in chunks:
+            self._sse(c)
+        if model != "truncated" and model != "stream-error":
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    def _stream_slowly(self, fake):
+        """200 words 20 ms apart; a client that leaves sets fake.slow_disconnected."""
+        try:
+            self._sse(chunk({"role": "assistant", "content": ""}))
+            for i in range(200):
+                self._sse(chunk({"content": f"w{i} "}))
+                fake.slow_written += 1
+                time.sleep(0.02)
+            self._sse(chunk({}, finish="length"))
+            self.wfile.write(b"data: [DONE]\n\n")
+        except OSError:
+            fake.slow_disconnected.set()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass                    # a client that left early (cancel, timeout) is expected here
+
+
 class FakeOpenAI:
     """A tiny OpenAI-compatible server: the request body's `model` picks the scenario."""
 
@@ -92,74 +166,8 @@ class FakeOpenAI:
         self.headers: list[dict] = []
         self.slow_written = 0
         self.slow_disconnected = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _json(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path.rstrip("/") == "/v1/models":
-                    self._json(200, {"object": "list", "data": [
-                        {"id": "chat", "object": "model", "created": 0, "owned_by": "fake"},
-                        {"id": "tools", "object": "model", "created": 0, "owned_by": "fake"}]})
-                else:
-                    self._json(404, {"error": {"message": "no such path"}})
-
-            def _sse(self, c):
-                self.wfile.write(b"data: " + json.dumps(c).encode() + b"\n\n")
-                self.wfile.flush()
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                fake.requests.append(body)
-                fake.headers.append({k.lower(): v for k, v in self.headers.items()})
-                if self.path != "/v1/chat/completions":
-                    return self._json(404, {"error": {"message": "no such path"}})
-                model = body.get("model")
-                if model == "error400":
-                    return self._json(400, {"error": {"message": "temperature too high", "param": "temperature",
-                                                      "type": "invalid_request_error", "code": "bad_value"}})
-                if model == "error500":
-                    return self._json(500, {"error": {"message": "GPU fell over", "type": "server_error"}})
-                if model == "sleepy":
-                    time.sleep(1.5)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.end_headers()
-                if model == "slow":
-                    try:
-                        self._sse(chunk({"role": "assistant", "content": ""}))
-                        for i in range(200):
-                            self._sse(chunk({"content": f"w{i} "}))
-                            fake.slow_written += 1
-                            time.sleep(0.02)
-                        self._sse(chunk({}, finish="length"))
-                        self.wfile.write(b"data: [DONE]\n\n")
-                    except OSError:
-                        fake.slow_disconnected.set()
-                    return
-                chunks = SCENARIOS.get(model, SCENARIOS["chat"])
-                for c in chunks:
-                    self._sse(c)
-                if model != "truncated" and model != "stream-error":
-                    self.wfile.write(b"data: [DONE]\n\n")
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                pass                    # a client that left early (cancel, timeout) is expected here
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _QuietServer(("127.0.0.1", 0), _Handler)
+        self.httpd.fake = self
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

@@ -6,6 +6,7 @@ import gc
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +121,12 @@ def test_pinned_slots_are_never_evicted(tiny_int4):
     x = np.ones(geom.hidden, np.float32)
     with ExpertStore.open(tiny_int4, n_slots=3, policy="lru", pin_wait_s=0.2) as store:
         held = store.get(1, 0)                      # a lease: pinned while `held` lives
-        store.pin(1, 1)                             # an explicit pin
+        kept = store.get(1, 1)                      # a second lease, held as a hot expert would be
         for e in range(2, 16):
             store.get(1, e)                         # everything else squeezes through one slot
         assert {(1, 0), (1, 1)} <= set(store.resident())
         assert_same(held, ref(1, 0), x)             # bytes untouched
+        assert_same(kept, ref(1, 1), x)
         other = store.get(2, 5)                     # the third slot, now held too
         with pytest.raises(ExpertStoreFull, match="pinned"):
             store.get(2, 6)
@@ -132,21 +134,29 @@ def test_pinned_slots_are_never_evicted(tiny_int4):
         gc.collect()
         store.get(2, 6)                             # the lease was released
         assert store.prefetch(2, [7]) == 0          # prefetch never takes a pinned slot
-        store.unpin(1, 1)
-        with pytest.raises(ValueError, match="not pinned"):
-            store.unpin(1, 1)
-        with store.pinned(2, [8]) as [(g, u, d)]:
+        assert store.stats()["pinned_slots"] == 2
+        del kept                                    # dropping the lease unpins its slot
+        for _, (g, u, d) in store.get_many(2, [8]):   # ... which the next miss may now take
             assert_same((g, u, d), ref(2, 8), x)
+        assert (1, 1) not in store.resident()
         del g, u, d
         assert store.stats()["pinned_slots"] == 1   # `held` only
         del held
+
+
+def settle(store, timeout=5.0):
+    """Wait (through stats) until no expert read is in flight."""
+    deadline = time.monotonic() + timeout
+    while store.stats()["loading_experts"]:
+        assert time.monotonic() < deadline, "expert reads still in flight"
+        time.sleep(0.005)
 
 
 def test_prefetch_recall_and_coverage(tiny_int4):
     with ExpertStore.open(tiny_int4, n_slots=4, policy="lru") as store:
         assert store.prefetch(1, [0, 1]) == 2
         assert store.prefetch(1, [0]) == 0          # already resident / in flight
-        assert store.wait_idle(5)
+        settle(store)
         store.get(1, 0)                             # prefetched -> hit, used
         store.get(1, 5)                             # miss
         s = store.stats()
@@ -177,7 +187,7 @@ def test_prefetch_never_evicts_just_demanded(tiny_int4):
         store.get(2, 0)                             # step 2
         store.get(1, 1)                             # step 3: (1, 0) is two steps old
         assert store.prefetch(2, [5]) == 1          # may evict (1, 0), nothing else
-        store.wait_idle(5)
+        settle(store)
         assert sorted(store.resident()) == [(1, 1), (2, 0), (2, 5)]
 
 
@@ -185,7 +195,7 @@ def test_prefetch_uses_spare_slots_and_counts_waste(tiny_int4):
     with ExpertStore.open(tiny_int4, n_slots=3, policy="lru", max_prefetch_inflight=8) as store:
         store.get(1, 0)
         assert store.prefetch(2, [4, 5]) == 2       # two free slots
-        store.wait_idle(5)
+        settle(store)
         store.get(1, 0)
         store.get(2, 4)                             # used
         store.get(1, 7)                             # demand evicts the least recent: unused (2, 5)
@@ -244,7 +254,17 @@ def test_budget_too_small_and_unknown_experts(tiny_int4):
         with pytest.raises(KeyError, match="experts 0..15"):
             store.get(1, 16)
         with pytest.raises(ValueError, match="unknown policy"):
-            ExpertStore(store.ckpt, store.qcfg, [1, 2], 192, 64, 1 << 20, policy="mru")
+            ExpertStore.from_checkpoint(store.ckpt, store.qcfg, [1, 2], 192, 64, 1 << 20, policy="mru")
+
+
+def serve_every_expert(path, **kw) -> dict:
+    """Open a store on path, check every expert it serves against the checkpoint; its stats()."""
+    geom, ref = reference(path)
+    x = np.ones(geom.hidden, np.float32)
+    with ExpertStore.open(path, **kw) as store:
+        for layer, e in all_keys(geom):
+            assert_same(store.get(layer, e), ref(layer, e), x)
+        return store.stats()
 
 
 def _direct_ok_dir(src: Path, tmp_path: Path) -> Path | None:
@@ -273,15 +293,10 @@ def test_direct_io_identical(tiny_int4, tmp_path):
     if path is None:
         pytest.skip("no file system here accepts O_DIRECT (tried the tmp dir, /var/tmp and the repo)")
     try:
-        geom, ref = reference(path)
-        x = np.ones(geom.hidden, np.float32)
-        with ExpertStore.open(path, n_slots=4, direct_io=True) as store:
-            for layer, e in all_keys(geom):
-                assert_same(store.get(layer, e), ref(layer, e), x)
-            s = store.stats()
-            if not s["direct_io"]:
-                pytest.skip(f"O_DIRECT fell back: {s['direct_io_note']}")
-            assert s["bytes_read_demand"] > 0
+        s = serve_every_expert(path, n_slots=4, direct_io=True)
+        if not s["direct_io"]:
+            pytest.skip(f"O_DIRECT fell back: {s['direct_io_note']}")
+        assert s["bytes_read_demand"] > 0
     finally:
         if path != Path(tiny_int4):
             shutil.rmtree(path, ignore_errors=True)
@@ -325,13 +340,8 @@ def test_direct_io_refused_falls_back(tiny_int4, monkeypatch, where):
 
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "preadv", fake_preadv)
-    geom, ref = reference(tiny_int4)
-    x = np.ones(geom.hidden, np.float32)
-    with ExpertStore.open(tiny_int4, n_slots=3, direct_io=True) as store:
-        for layer, e in all_keys(geom):
-            assert_same(store.get(layer, e), ref(layer, e), x)
-        s = store.stats()
-        assert not s["direct_io"] and "O_DIRECT" in s["direct_io_note"]
+    s = serve_every_expert(tiny_int4, n_slots=3, direct_io=True)
+    assert not s["direct_io"] and "O_DIRECT" in s["direct_io_note"]
 
 
 def test_get_many_closed_early_releases_pins(tiny_int4):
@@ -342,7 +352,8 @@ def test_get_many_closed_early_releases_pins(tiny_int4):
         it.close()
         del triple
         assert store.stats()["pinned_slots"] == 0
-        assert store.wait_idle(5) and len(store.resident()) == 4
+        settle(store)
+        assert len(store.resident()) == 4
 
 
 def test_wrong_weight_shape_value_fails_that_expert_only(tiny_int4, tmp_path):
@@ -378,3 +389,63 @@ def test_slot_pool_is_faulted_in_at_open(make_ckpt):
         pool = store.n_slots * store.slot_bytes
         assert store.n_slots == 24 * 16 and pool > 20 << 20    # capped at the model's experts
         assert proc.memory_info().rss - before >= 0.9 * pool
+
+
+def stored_bytes(triple) -> list[tuple[str, bytes]]:
+    """Every array a triple's Linears hold, as raw bytes (what the slot received)."""
+    return [(name, a.view(np.uint8).tobytes()) for lin in triple
+            for name, a in sorted(vars(lin).items()) if isinstance(a, np.ndarray)]
+
+
+ACCOUNTING = ("gets", "hits", "misses", "evictions", "bytes_read_demand", "read_ops")
+
+
+@pytest.mark.parametrize("kw", [dict(n_slots=5, policy="lru"), dict(policy="none", none_io="pread")],
+                         ids=["slots", "none-pread"])
+def test_portable_reads_same_bytes_and_accounting(ckpt_path, kw):
+    """reads="portable" (seek + readinto: the fallback where os.preadv is missing), forced here on
+    Linux: every expert's bytes and the store's byte and read counts equal the preadv path's."""
+    geom, ref = reference(ckpt_path)
+    x = np.ones(max(geom.hidden, geom.moe_inter), np.float32)
+    order = all_keys(geom) + random.Random(2).sample(all_keys(geom), len(all_keys(geom)))
+    got, stats = {}, {}
+    for reads in ("preadv", "portable"):
+        with ExpertStore.open(ckpt_path, reads=reads, prefetch=False, **kw) as store:
+            got[reads] = [stored_bytes(store.get(layer, e)) for layer, e in order]
+            s = store.stats()
+            assert s["reads"] == reads
+            stats[reads] = {k: s[k] for k in ACCOUNTING}
+    assert got["portable"] == got["preadv"]
+    assert stats["portable"] == stats["preadv"] and stats["portable"]["bytes_read_demand"] > 0
+    with ExpertStore.open(ckpt_path, reads="portable", **kw) as store:
+        for layer, e in all_keys(geom)[:4]:
+            assert_same(store.get(layer, e), ref(layer, e), x)
+
+
+def test_portable_reads_are_the_automatic_choice_without_preadv(tiny_int4, monkeypatch):
+    import os
+
+    geom, ref = reference(tiny_int4)
+    x = np.ones(geom.hidden, np.float32)
+    monkeypatch.delattr(os, "preadv")               # a platform without it (Windows)
+    with ExpertStore.open(tiny_int4, n_slots=3, direct_io=True) as store:
+        for layer, e in all_keys(geom)[:6]:
+            assert_same(store.get(layer, e), ref(layer, e), x)
+        s = store.stats()
+        assert s["reads"] == "portable" and not s["direct_io"] and "portable" in s["direct_io_note"]
+    with pytest.raises(ValueError, match="os.preadv is not available"):
+        ExpertStore.open(tiny_int4, n_slots=3, reads="preadv")
+
+
+def test_store_options_are_checked_before_anything_is_opened(tiny_int4):
+    from kimi_desktop.offload.experts import StoreOptions
+
+    with pytest.raises(ValueError, match="reads must be one of auto, preadv, portable, got 'mmap'"):
+        ExpertStore.open(tiny_int4, reads="mmap")
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive multiple of 4096"):
+        StoreOptions(chunk_bytes=1000)
+    with pytest.raises(ValueError, match="none_io must be 'mmap' or 'pread'"):
+        ExpertStore.open(tiny_int4, policy="none", none_io="direct")
+    opts = StoreOptions(n_slots=2, policy="least-stale", reads="portable")
+    with ExpertStore.open(tiny_int4, options=opts) as store:      # the same store, options as one value
+        assert (store.n_slots, store.policy_name, store.stats()["reads"]) == (2, "least-stale", "portable")

@@ -328,24 +328,18 @@ def test_tensor_missing(sharded):
             call("model.layers.5.mlp.gate.weight")
 
 
-def test_require_wrong_dtype(sharded):
+@pytest.mark.parametrize("name, asked, found", [
+    ("model.norm.weight", dict(dtype=("BF16", "F16")), ("expected dtype BF16 or F16", "found F32")),
+    ("lm_head.weight", dict(dtype="BF16", shape=(163840, 7168)), ("expected shape (163840, 7168)", "found (64, 32)")),
+])
+def test_require_names_the_mismatch(sharded, name, asked, found):
     folder, _ = sharded
     ckpt = Checkpoint(folder)
-    info = ckpt.info("model.norm.weight")
-    with pytest.raises(CheckpointError, match=msg(info.path, "'model.norm.weight'",
-                                                  "expected dtype BF16 or F16", "found F32")):
-        ckpt.require("model.norm.weight", dtype=("BF16", "F16"))
-    assert ckpt.require("model.norm.weight", dtype="F32", shape=(32,)) == info
+    info = ckpt.info(name)
+    with pytest.raises(CheckpointError, match=msg(info.path, f"'{name}'", *found)):
+        ckpt.require(name, **asked)
+    assert ckpt.require("model.norm.weight", dtype="F32", shape=(32,)) == ckpt.info("model.norm.weight")
     assert ckpt.stats.bytes_viewed == 0  # require looks at headers only
-
-
-def test_require_wrong_shape(sharded):
-    folder, _ = sharded
-    ckpt = Checkpoint(folder)
-    info = ckpt.info("lm_head.weight")
-    with pytest.raises(CheckpointError, match=msg(info.path, "'lm_head.weight'",
-                                                  "expected shape (163840, 7168)", "found (64, 32)")):
-        ckpt.require("lm_head.weight", dtype="BF16", shape=(163840, 7168))
 
 
 def test_read_and_read_rows_copy_by_pread(tmp_path):

@@ -19,7 +19,7 @@ EXAMPLE_1_MESSAGES = [
     {"role": "assistant", "content": "Hello!", "reasoning_content": "greet back"},
     {"role": "user", "content": "2+2?"},
 ]
-EXAMPLE_1 = """<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>Hello!<|im_end|><|im_user|>user<|im_middle|>2+2?<|im_end|><|im_assistant|>assistant<|im_middle|>"""
+EXAMPLE_1 = """<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>Hello!<|im_end|><|im_user|>user<|im_middle|>2+2?<|im_end|><|im_assistant|>assistant<|im_middle|>"""  # noqa: E501
 
 EXAMPLE_2_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -32,7 +32,7 @@ EXAMPLE_2_MESSAGES = [
     {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny, 21C"},
 ]
 EXAMPLE_2 = """<|im_system|>tool_declare<|im_middle|>[{"function":{"name":"get_weather","parameters":{"properties":{"city":{"type":"string"}},"type":"object"}},"type":"function"}]<|im_end|><|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>Weather in Paris?<|im_end|><|im_assistant|>assistant<|im_middle|><think>need the tool</think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city":"Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|><|im_system|>tool<|im_middle|>## Return of functions.get_weather:0
-sunny, 21C<|im_end|><|im_assistant|>assistant<|im_middle|>"""
+sunny, 21C<|im_end|><|im_assistant|>assistant<|im_middle|>"""  # noqa: E501
 
 THINKING = builtin_template_text("thinking")
 INSTRUCT = builtin_template_text("instruct")
@@ -160,7 +160,8 @@ def test_tools_sorted_compact_non_ascii_kept():
     want = ('<|im_system|>tool_declare<|im_middle|>[{"function":{"name":"w","parameters":{"properties":'
             '{"a":{"description":"城市","type":"string"},"z":{"type":"string"}},"type":"object"}},'
             '"type":"function"}]<|im_end|>')
-    for out in (render_k2_thinking([], tools, False), render_template(THINKING, [], tools=tools, add_generation_prompt=False),
+    for out in (render_k2_thinking([], tools, False),
+                render_template(THINKING, [], tools=tools, add_generation_prompt=False),
                 render_k2_instruct([], tools, False)):
         assert out.startswith(want)
     assert tools[0]["function"]["parameters"]["properties"].keys() == {"z", "a"}    # input untouched
@@ -202,8 +203,9 @@ def test_parts_images_names_and_nulls():
                    "<|im_assistant|>assistant<|im_middle|>")
     assert render_template(THINKING, msgs) == out
     # a null reasoning_content in the tool loop reads as missing, never as "None"
-    loop = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "reasoning_content": None,
-                                                "tool_calls": [{"id": "x", "function": {"name": "f", "arguments": "{}"}}]}]
+    call = {"id": "x", "function": {"name": "f", "arguments": "{}"}}
+    loop = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": [call]}]
     assert "None" not in render_k2_thinking(loop) and "None" not in render_template(THINKING, loop)
 
 
@@ -245,10 +247,12 @@ def test_template_sources(thinking_folder, tmp_path):
 def test_hf_environment_features():
     msgs = [{"role": "user", "content": "x"}]
     assert render_template("{{ {'b': 1, 'a': 'é'} | tojson }}", msgs) == '{"b": 1, "a": "é"}'
-    assert render_template("{{ {'b': 1, 'a': 2} | tojson(indent=1, sort_keys=True) }}", msgs) == '{\n "a": 2,\n "b": 1\n}'
+    assert (render_template("{{ {'b': 1, 'a': 2} | tojson(indent=1, sort_keys=True) }}", msgs)
+            == '{\n "a": 2,\n "b": 1\n}')
     assert render_template("{{ [1, 2] | tojson(separators=(',', ':')) }}", msgs) == "[1,2]"
     assert len(render_template("{{ strftime_now('%Y-%m-%d') }}", msgs)) == 10
-    assert render_template("{% for i in range(5) %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}", msgs) == "01"
+    loop_break = "{% for i in range(5) %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}"
+    assert render_template(loop_break, msgs) == "01"
     assert render_template("{% generation %}kept{% endgeneration %}", msgs) == "kept"
     assert render_template("{{ dict(a=1) | tojson }}{{ dict.fromkeys(['k']) | tojson }}", msgs) == '{"a": 1}{"k": null}'
 

@@ -74,12 +74,9 @@ def test_model_types_and_layout_are_what_the_case_says(case):
     assert len({model.ckpt.info(n).path for n in names}) >= 2
 
 
-def test_numpy_reference_path_matches_transformers(case, monkeypatch):
+def test_numpy_reference_path_matches_transformers(case):
     """The plain-numpy products (no numba kernels) are kept as the readable reference."""
-    import kimi_desktop.runtime.model as model_mod
-
     folder, _, ref = case
-    monkeypatch.setattr(model_mod, "KERNELS", False)
-    model = load_model(folder)
+    model = load_model(folder, kernels=False)
     ids = prompt(40, model.cfg.vocab_size, seed=3)
     assert rel_err(model.logits(ids), reference_logits(ref, ids)) < 1e-4

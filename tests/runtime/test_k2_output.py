@@ -224,8 +224,8 @@ def test_feed_text(tok):
             ev += p.feed_text(raw[i:i + n])
             i += n
         ev += p.finish()
-        assert summary(ev) == ("need it", "Checking.",
-                               [{"id": "functions.get_weather:0", "name": "get_weather", "arguments": '{"city":"Paris"}'}])
+        call = {"id": "functions.get_weather:0", "name": "get_weather", "arguments": '{"city":"Paris"}'}
+        assert summary(ev) == ("need it", "Checking.", [call])
 
 
 def test_instruct_tokenizer_without_think_tokens(tmp_path):

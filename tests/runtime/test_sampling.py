@@ -9,7 +9,7 @@ import pytest
 
 from kimi_desktop.runtime.sampling import (NoAllowedToken, Sampler, SamplerConfig,
                                            apply_presence_frequency, apply_repetition_penalty,
-                                           distribution, log_softmax, make_sampler, top_logprobs)
+                                           distribution, log_softmax, top_logprobs)
 
 
 def L(*probs):
@@ -22,6 +22,10 @@ def close(a, b):
     np.testing.assert_allclose(a, b, atol=1e-9)
 
 
+def new_sampler(prompt_ids=(), **settings) -> Sampler:
+    return Sampler(SamplerConfig(**settings), prompt_ids)
+
+
 def test_temperature_scales_the_distribution():
     close(distribution(L(0.1, 0.2, 0.7)), [0.1, 0.2, 0.7])
     p = np.array([0.1, 0.2, 0.7]) ** 2
@@ -31,7 +35,7 @@ def test_temperature_scales_the_distribution():
 
 def test_greedy_ties_go_to_the_lowest_id():
     close(distribution(np.array([1.0, 3.0, 3.0, 0.0]), temperature=0), [0, 1, 0, 0])
-    s = make_sampler(temperature=0)
+    s = new_sampler(temperature=0)
     assert s.sample(np.array([1.0, 3.0, 3.0, 0.0])).token == 1
 
 
@@ -41,6 +45,10 @@ def test_top_p():
     close(distribution(L(0.0, 0.5, 0.4, 0.1), top_p=0.4), [0, 1, 0, 0])
     close(distribution(L(0.0, 0.5, 0.4, 0.1), top_p=0.6), [0, 5 / 9, 4 / 9, 0])
     close(distribution(L(0.0, 0.5, 0.4, 0.1), top_p=0.9), [0, 5 / 9, 4 / 9, 0])   # exactly reached
+    # reached up to rounding: 0.7 + 0.2 sums to 0.8999999999999998 < 0.9, and the nucleus still stops
+    # there (model.sample, the CLI's sampler before this one, kept the 0.1 token too)
+    close(distribution(L(0.7, 0.2, 0.1), top_p=0.9), [7 / 9, 2 / 9, 0])
+    assert {Sampler(SamplerConfig(top_p=0.9, seed=i)).sample(L(0.7, 0.2, 0.1)).token for i in range(300)} == {0, 1}
     # top_p acts on the tempered distribution
     p = np.array([0.5, 0.3, 0.2]) ** 2
     p /= p.sum()                                     # 0.658, 0.237, 0.105
@@ -102,13 +110,13 @@ def test_seed_reproduces_and_seeds_differ():
     logits = [rng.normal(size=50) for _ in range(40)]
 
     def run(seed, **kw):
-        s = make_sampler(temperature=1.0, seed=seed, **kw)
+        s = new_sampler(temperature=1.0, seed=seed, **kw)
         return [s.sample(x).token for x in logits]
     assert run(7) == run(7)
     assert run(7) != run(8)
     acc = lambda t: t % 2 == 0       # noqa: E731
     def run_acc(seed):
-        s = make_sampler(temperature=1.0, seed=seed)
+        s = new_sampler(temperature=1.0, seed=seed)
         return [s.sample(x, accept=acc).token for x in logits]
     assert run_acc(3) == run_acc(3)
     assert all(t % 2 == 0 for t in run_acc(3))
@@ -116,20 +124,20 @@ def test_seed_reproduces_and_seeds_differ():
 
 def test_draws_follow_the_distribution():
     p = np.array([0.5, 0.1, 0.3, 0.1])
-    s = make_sampler(temperature=1.0, seed=1)
+    s = new_sampler(temperature=1.0, seed=1)
     n = 8000
     c = np.bincount([s.sample(L(*p), record=False).token for _ in range(n)], minlength=4) / n
     np.testing.assert_allclose(c, p, atol=0.025)
     # lazy acceptance: exactly the distribution restricted to accepted tokens
-    s = make_sampler(temperature=1.0, seed=2)
+    s = new_sampler(temperature=1.0, seed=2)
     c = np.bincount([s.sample(L(*p), accept=lambda t: t != 0, record=False).token for _ in range(n)],
                     minlength=4) / n
     np.testing.assert_allclose(c, [0, 0.2, 0.6, 0.2], atol=0.025)
     # accept + truncation: top_k=2 keeps {0, 2}; rejecting 0 leaves 2 only
-    s = make_sampler(temperature=1.0, top_k=2, seed=3)
+    s = new_sampler(temperature=1.0, top_k=2, seed=3)
     assert {s.sample(L(*p), accept=lambda t: t != 0, record=False).token for _ in range(200)} == {2}
     # nothing kept is accepted -> falls back to the untruncated remainder, restricted
-    s = make_sampler(temperature=1.0, top_k=1, seed=4)
+    s = new_sampler(temperature=1.0, top_k=1, seed=4)
     c = np.bincount([s.sample(L(*p), accept=lambda t: t in (1, 3), record=False).token
                      for _ in range(4000)], minlength=4) / 4000
     np.testing.assert_allclose(c, [0, 0.5, 0, 0.5], atol=0.04)
@@ -137,7 +145,7 @@ def test_draws_follow_the_distribution():
 
 def test_greedy_with_accept_walks_in_logit_order():
     x = np.arange(1000, dtype=np.float64)              # best is 999, then 998, ...
-    s = make_sampler(temperature=0)
+    s = new_sampler(temperature=0)
     tried = []
 
     def acc(t):
@@ -152,14 +160,14 @@ def test_greedy_with_accept_walks_in_logit_order():
 def test_masked_tokens_are_never_drawn():
     allowed = np.zeros(100, dtype=bool)
     allowed[[3, 50, 97]] = True
-    s = make_sampler(temperature=2.0, seed=0)
+    s = new_sampler(temperature=2.0, seed=0)
     x = np.random.default_rng(0).normal(size=100)
     assert {s.sample(x, allowed=allowed).token for _ in range(200)} == {3, 50, 97}
 
 
 def test_logprobs_are_the_penalised_distribution_at_temperature_1():
     x = L(0.5, 0.1, 0.3, 0.1)
-    s = make_sampler(temperature=0.2, top_k=1, seed=0)
+    s = new_sampler(temperature=0.2, top_k=1, seed=0)
     d = s.sample(x, logprobs=2)
     assert d.token == 0
     assert d.logprob == pytest.approx(np.log(0.5))
@@ -167,14 +175,14 @@ def test_logprobs_are_the_penalised_distribution_at_temperature_1():
     assert [v for _, v in d.top] == pytest.approx([np.log(0.5), np.log(0.3)])
     assert s.sample(x, logprobs=0).top == ()
     # penalties are included
-    s2 = make_sampler(temperature=0, frequency_penalty=1.0)
+    s2 = new_sampler(temperature=0, frequency_penalty=1.0)
     s2.record(0)
     d2 = s2.sample(x, logprobs=1)
     y = x.copy()
     y[0] -= 1.0
     assert d2.logprob == pytest.approx(log_softmax(y)[d2.token])
     # forced tokens report their logprob too
-    d3 = make_sampler().forced(x, 3, logprobs=1)
+    d3 = new_sampler().forced(x, 3, logprobs=1)
     assert d3.token == 3 and d3.logprob == pytest.approx(np.log(0.1)) and d3.top[0][0] == 0
 
 

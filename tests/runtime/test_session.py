@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from kimi_desktop.runtime import load_model
-from kimi_desktop.runtime.model import MoE, PrefetchGate
+from kimi_desktop.runtime.model import MoE
+from kimi_desktop.runtime.prefetch import PrefetchGate
 
 
 def rel_err(a, b) -> float:
@@ -35,14 +36,13 @@ def test_absorbed_and_naive_attention_agree(folder, ids):
 
 
 def test_auto_attention_absorbs_prefill_over_a_long_cache(folder, ids, monkeypatch):
-    """Past NAIVE_MAX_BYTES of expanded latent, prefill chunks run the absorbed form (causal per
+    """Past naive_max_bytes of expanded latent, prefill chunks run the absorbed form (causal per
     query); the logits stay those of the naive form."""
-    from kimi_desktop.runtime import model as M
+    from kimi_desktop.runtime import dispatch
 
     want = load_model(folder, attn_impl="naive").logits(ids)
-    monkeypatch.setattr(M, "NAIVE_MAX_BYTES", 0)
-    monkeypatch.setattr(M.kernels, "mla_prefill", lambda *a: pytest.fail("naive prefill attention ran"))
-    assert rel_err(load_model(folder).logits(ids), want) < 1e-5
+    monkeypatch.setattr(dispatch, "mla_prefill", lambda *a: pytest.fail("naive prefill attention ran"))
+    assert rel_err(load_model(folder, naive_max_bytes=0).logits(ids), want) < 1e-5
 
 
 def test_token_by_token_equals_prefill(folder, ids):

@@ -52,7 +52,7 @@ class _Engine:
 
 
 @pytest.fixture
-def controller(qtbot, store, scripted_engine):
+def controller(qtbot, store, scripted_engine):  # noqa: F811 - the fixture imported above
     from kimi_desktop.ui.controller import Controller
     c = Controller(store, _Engine(scripted_engine), "scripted")
     yield c

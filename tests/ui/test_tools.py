@@ -67,8 +67,8 @@ def test_a_tool_call_is_approved_run_and_answered(qtbot, session, script, script
         sent.append((messages, kw.get("tools")))
         return chat(messages, **kw)
     c.engine.chat = spy
-    run_turn(qtbot, c, script, k2_call("weather_now", {"city": "Paris"}), "<think></think>Sunny, says the tool.<|im_end|>",
-             "weather in Paris?")
+    run_turn(qtbot, c, script, k2_call("weather_now", {"city": "Paris"}),
+             "<think></think>Sunny, says the tool.<|im_end|>", "weather in Paris?")
     assert asked == [("demo", "weather_now", {"city": "Paris"})]
     assert [m.role for m in c.messages] == ["user", "assistant", "tool", "assistant"]
     assert c.messages[2].content == "demo: sunny in Paris" and c.messages[2].finish == ""

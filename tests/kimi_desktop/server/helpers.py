@@ -5,8 +5,12 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kimi_desktop.server.runner import LocalServer
 
 KEY = "test-key-9f8e7d"
 

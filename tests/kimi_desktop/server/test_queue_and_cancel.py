@@ -4,7 +4,6 @@ requests the server answers 503 with Retry-After. On the scripted engine, slowed
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -42,7 +41,7 @@ def test_disconnect_while_waiting_for_a_plain_answer_cancels_it(scripted, script
     script(LONG, delay=0.01)
     try:
         raw(scripted, "POST", CHAT, BODY, AUTH, timeout=0.3)
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         pass
     else:
         raise AssertionError("the answer came before the timeout: the test did not disconnect")
@@ -113,7 +112,7 @@ def test_eight_concurrent_streams_finish_in_fifo_order(roomy, scripted_engine, s
     threads = []
     for i in range(8):
         s = open_stream(roomy, CHAT, {**BODY, "stream": True}, KEY)
-        assert wait_until(lambda: scripted_engine.waiting() + scripted_engine.stats()["busy"] == i + 1)
+        assert wait_until(lambda n=i + 1: scripted_engine.waiting() + scripted_engine.stats()["busy"] == n)
         socks.append(s)                                  # queued: the start order is the queue order
         threads.append(threading.Thread(target=read, args=(i, s)))
         threads[-1].start()

@@ -5,6 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from kimi_desktop.offload.formats import dequantize_fp8_block
 from kimi_desktop.runtime import kernels as K
 
 from ._util import assert_close_bound, rng
@@ -21,13 +22,19 @@ def test_lut_matches_ml_dtypes_all_codes():
     assert K.FP8_E4M3_LUT[0x7E] == 448.0 and K.FP8_E4M3_LUT[0x01] == 2.0 ** -9
 
 
-def test_vector_decoder_all_codes():
-    codes = np.concatenate([ALL, ALL[::-1], ALL[:7]])            # vector body + scalar tail
-    got = K.fp8_to_f32(codes)
-    np.testing.assert_array_equal(got, TRUTH[codes])
-    fin = ~np.isnan(got)
-    assert np.array_equal(np.signbit(got[fin]), np.signbit(TRUTH[codes][fin]))  # -0.0 for 0x80
-    np.testing.assert_array_equal(K.fp8_to_f32(codes.view(ml_dtypes.float8_e4m3fn)), got)
+def test_every_finite_code_decodes_exactly_in_both_paths():
+    """One-hot activations pick single weights out of rows that hold every finite code, so each
+    output is one decoded code: the vector decoders (GEMV and tiles, 2^-8 folded into the scale)
+    and the scalar tails (the last 8 columns) against ml_dtypes."""
+    finite = ALL[(ALL & 0x7F) != 0x7F]                                  # 254 codes
+    n = 264                                                              # 2 x 128 vector columns + an 8-column tail
+    w = np.stack([np.resize(np.roll(finite, 37 * r), n) for r in range(5)])   # rows 0-3: 4-row kernel, 4: 1-row
+    s = np.ones((1, 3), np.float32)
+    want = TRUTH[w]                                                      # [5, n]
+    eye = np.eye(n, dtype=np.float32)
+    np.testing.assert_array_equal(K.fp8_gemm(w, s, eye), want.T)       # tiles (T = n)
+    got = np.stack([K.fp8_gemv(w.view(ml_dtypes.float8_e4m3fn), s, eye[c]) for c in range(n)], axis=1)
+    np.testing.assert_array_equal(got, want)                            # GEMV
 
 
 def _weights(r, out, n, block):
@@ -43,7 +50,7 @@ def test_fp8(out, n, T, block):
     r = rng(out * 1000 + n + T + block[1])
     w, s = _weights(r, out, n, block)
     X = r.standard_normal((T, n)).astype(np.float32)
-    Wd = K.fp8_dequant_ref(w, s, block).astype(np.float64)
+    Wd = dequantize_fp8_block(w, s, block).astype(np.float64)
     want, bound = X.astype(np.float64) @ Wd.T, np.abs(X).astype(np.float64) @ np.abs(Wd).T
     assert_close_bound(K.fp8_gemm_ref(w, s, X, block), want, bound, TOL, "ref")
     assert_close_bound(K.fp8_gemm(w, s, X, block), want, bound, TOL, "fp8_gemm")

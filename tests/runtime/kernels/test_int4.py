@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kimi_desktop.offload.formats import dequantize_int4, unpack_int4
 from kimi_desktop.runtime import kernels as K
-from kimi_desktop.runtime.kernels import int4
 
 from ._util import assert_close_bound, rand_int4, rng
 
@@ -18,7 +18,7 @@ SHAPES = [(1, 32, 1), (5, 40, 3), (7, 96, 1), (13, 200, 17), (37, 1000, 3), (9, 
 
 
 def _f64(packed, scale, X):
-    Wd = int4.int4_dequant_ref(packed, scale, X.shape[1]).astype(np.float64)
+    Wd = dequantize_int4(packed, scale, X.shape[1], 32).astype(np.float64)
     return X.astype(np.float64) @ Wd.T, np.abs(X).astype(np.float64) @ np.abs(Wd).T
 
 
@@ -47,7 +47,7 @@ def test_int4_gemm_paths_agree_and_large_values():
 def test_nibble_order_by_hand():
     # word 0x76543210 holds u = 0..7 in columns 0..7 (lowest nibble first): q = -8..-1
     packed = np.array([[0x76543210, -0x01234568 & 0xFFFFFFFF]], np.uint32).view(np.int32)  # 0xFEDCBA98
-    q = K.int4_unpack_ref(packed)
+    q = unpack_int4(packed, 16)
     assert q.tolist() == [list(range(-8, 8))]
     scale = np.array([[0x3F80]], np.uint16)  # bf16 1.0
     for c in range(16):
@@ -63,7 +63,7 @@ def test_matches_compressed_tensors_packing():
     for out, n in [(3, 64), (5, 40), (4, 36)]:
         q = r.integers(-8, 8, size=(out, n)).astype(np.int8)
         packed = helpers.pack_to_int32(torch.from_numpy(q), 4).numpy()
-        assert np.array_equal(K.int4_unpack_ref(packed)[:, :n], q)
+        assert np.array_equal(unpack_int4(packed, n), q)
         scale = np.full((out, (packed.shape[1] + 3) // 4), 0x3F80, np.uint16)
         x = r.standard_normal(n).astype(np.float32)
         np.testing.assert_allclose(K.int4_gemv(packed, scale, x), q.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)

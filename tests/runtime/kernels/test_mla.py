@@ -12,7 +12,7 @@ from ._util import rng
 
 def _case(H, R, P, N, seed, spread=1.0):
     r = rng(seed)
-    f = lambda *s: (r.standard_normal(s) * spread).astype(np.float32)  # noqa: E731
+    f = lambda *s: (r.standard_normal(s) * spread).astype(np.float32)
     return f(H, R), f(H, P), r.standard_normal((N, R)).astype(np.float32), r.standard_normal((N, P)).astype(np.float32)
 
 

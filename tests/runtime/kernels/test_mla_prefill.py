@@ -12,8 +12,9 @@ from ._util import rng
 def _case(T, start, H, C, P, V, seed, spread=1.0):
     r = rng(seed)
     N = start + T
-    f = lambda *s: (r.standard_normal(s) * spread).astype(np.float32)  # noqa: E731
-    return f(T, H, C + P), r.standard_normal((N, H, C + V)).astype(np.float32), r.standard_normal((N, P)).astype(np.float32)
+    f = lambda *s: (r.standard_normal(s) * spread).astype(np.float32)
+    q = f(T, H, C + P)
+    return q, r.standard_normal((N, H, C + V)).astype(np.float32), r.standard_normal((N, P)).astype(np.float32)
 
 
 def _f64(q, kvb, pe, start, scale, C):
