@@ -364,8 +364,15 @@ class Controller(QObject):
             return True
         return False
 
+    def model_defaults(self) -> dict:
+        """The loaded model's recommended sampling (its generation_config.json; {} without a model):
+        what a conversation uses for the fields it does not set, as the server does."""
+        if self.engine is None:
+            return {}
+        return {k: v for k, v in self.engine.generation_defaults().items() if k in SAMPLING_FIELDS}
+
     def _sampling_from(self, d: dict) -> Sampling:
-        return Sampling(**{k: v for k, v in (d or {}).items() if k in SAMPLING_FIELDS})
+        return Sampling(**{**self.model_defaults(), **{k: v for k, v in (d or {}).items() if k in SAMPLING_FIELDS}})
 
     def _chat(self, messages: list[Message]) -> list[dict]:
         return self.store.chat_messages(self.conversation_id, messages)

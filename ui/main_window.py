@@ -358,7 +358,7 @@ class MainWindow(QMainWindow):
 
     def edit_settings(self) -> None:
         prompt, sampling = self.c.settings()
-        d = ConversationSettingsDialog(prompt, sampling, self)
+        d = ConversationSettingsDialog(prompt, {**self.c.model_defaults(), **sampling}, self)
         if d.exec():
             try:
                 self.c.set_settings(*d.values())

@@ -202,3 +202,19 @@ def test_status_reports_live_figures(qtbot, controller, script):
     assert s["context_size"] == controller.engine.ctx and s["context_used"] > 0
     assert s["ram_bytes"] > 0 and s["tok_s"] > 0 and s["ttft_s"] is not None
     assert any(x["generating"] for x in snaps)
+
+
+def test_the_models_recommended_sampling_fills_what_a_conversation_leaves_unset(qtbot, controller, script):
+    """As the server does: generation_config.json's values (the demo model's is greedy) apply to the
+    fields a conversation does not set; the conversation's own values win."""
+    seen = []
+    chat = controller.engine.chat
+    controller.engine.generation_defaults = lambda: {"temperature": 0.0, "top_p": 0.5}
+    controller.engine.chat = lambda *a, sampling, **kw: seen.append(sampling) or chat(*a, sampling=sampling, **kw)
+    script("fine<|im_end|>")
+    send_and_wait(qtbot, controller, "a")
+    controller.set_settings("", {"temperature": 0.7})
+    script("fine<|im_end|>")
+    send_and_wait(qtbot, controller, "b")
+    assert [(s.temperature, s.top_p) for s in seen] == [(0.0, 0.5), (0.7, 0.5)]
+    assert controller.model_defaults() == {"temperature": 0.0, "top_p": 0.5}
