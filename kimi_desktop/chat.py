@@ -248,7 +248,7 @@ def count_history_tool_calls(messages: Sequence[Mapping[str, Any]]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stop strings
+# Tool-call arguments
 
 def _finite(text: str) -> float:
     v = float(text)
@@ -274,6 +274,9 @@ def parse_tool_arguments(arguments: str) -> dict:
         raise ValueError(f"the arguments must be a JSON object, got {type(v).__name__}: {arguments[:200]}")
     return v
 
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings
 
 class StopMatcher:
     """Finds stop strings in a text stream that arrives in pieces.

@@ -132,7 +132,7 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def _tensor_shapes(cfg: dict):
+def tensor_shapes(cfg: dict):
     """(module or tensor name, shape, kind) in checkpoint order; kind: linear | norm | embed | gate | bias."""
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     C, P, V, R = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
@@ -186,7 +186,7 @@ def build_specs(cfg: dict, layout: str, seed: int, routing_skew: float, fast_exp
     def add(name, dtype, shape, make):
         specs.append(TensorSpec(name, dtype, tuple(shape), make))
 
-    for name, shape, kind in _tensor_shapes(cfg):
+    for name, shape, kind in tensor_shapes(cfg):
         if kind == "embed":
             add(name, "BF16", shape, lambda n=name, s=shape: _rng(seed, n).standard_normal(s, np.float32).astype(BF16))
         elif kind == "norm":

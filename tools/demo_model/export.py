@@ -39,7 +39,7 @@ from kimi_desktop.offload.formats import quantize_int4, unpack_int4  # noqa: E40
 from kimi_desktop.offload.safetensors import TensorSpec, write_checkpoint  # noqa: E402
 from kimi_desktop.runtime import load_model, load_tokenizer  # noqa: E402
 from kimi_desktop.runtime.config import ModelConfig  # noqa: E402
-from kimi_desktop.testmodel import _tensor_shapes  # noqa: E402
+from kimi_desktop.testmodel import tensor_shapes  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 HERE = Path(__file__).resolve().parent
@@ -52,7 +52,7 @@ PROMPTS = ("What does the assert statement do?", "What does json.dumps do?", "He
 def stored_tensors(state: dict, cfg: dict) -> dict[str, np.ndarray]:
     """Checkpoint tensors by name: bf16 weights, INT4 experts (packed, scale, shape), f32 biases."""
     out: dict[str, np.ndarray] = {}
-    for name, shape, kind in _tensor_shapes(cfg):
+    for name, shape, kind in tensor_shapes(cfg):
         key = name if kind != "linear" else name + ".weight"
         w = state[key].float().numpy()
         assert w.shape == tuple(shape), (key, w.shape, shape)
@@ -88,7 +88,7 @@ def write_folder(dest: Path, train_dir: Path, cfg: dict, tensors: dict[str, np.n
     """Atomic: a temp folder beside dest, renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    order = [n for name, _, kind in _tensor_shapes(cfg)
+    order = [n for name, _, kind in tensor_shapes(cfg)
              for n in ([name + s for s in (".weight_packed", ".weight_scale", ".weight_shape")]
                        if name + ".weight_packed" in tensors else [name if kind != "linear" else name + ".weight"])]
     dtype = {np.dtype(np.float32): "F32", BF16: "BF16", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
