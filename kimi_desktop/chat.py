@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 from collections.abc import Iterator, Mapping, Sequence
 
-from kimi_desktop.runtime.events import (ContentDelta, Event, Finish, ReasoningDelta, TokenLogprobs,
+from kimi_desktop.runtime.events import (ContentDelta, Event, Finish, PrefillProgress, ReasoningDelta, TokenLogprobs,
                                          ToolCallDelta, Usage)
 from kimi_desktop.runtime.sampling import SamplerConfig, SamplingError, check_integer
 
 __all__ = [
     "ChatRequestError", "ChatResult", "ChatStream", "ContentDelta", "Engine", "Event", "FifoLock",
-    "Finish", "ReasoningDelta", "Sampling", "TokenLogprobs", "ToolCallDelta", "Usage",
+    "Finish", "PrefillProgress", "ReasoningDelta", "Sampling", "TokenLogprobs", "ToolCallDelta", "Usage",
     "FINISH_REASONS", "StopMatcher", "validate_request", "count_history_tool_calls", "parse_tool_arguments",
 ]
 

@@ -54,7 +54,7 @@ class ModelSizes:
     moe_layers: int
     top_k: int                   # experts per token and layer
     n_layers: int
-    kv_bytes_per_token: int      # MLA latent: layers x (kv_lora_rank + qk_rope_head_dim) x 4 (float32)
+    kv_bytes_per_token: int      # MLA latent: layers x (kv_lora_rank + qk_rope_head_dim) x 2 (bf16, the default)
     max_ctx: int
     expert_source: str           # checkpoint | pack
 
@@ -110,7 +110,7 @@ def model_sizes(model_dir: str | os.PathLike) -> ModelSizes:
         embedding_bytes=embedding, expert_bytes=experts, expert_nbytes=expert_nbytes, slot_bytes=slot_bytes,
         n_experts=sum(geom.n_experts.values()), moe_layers=len(geom.layers), top_k=cfg.num_experts_per_tok,
         n_layers=cfg.num_hidden_layers,
-        kv_bytes_per_token=cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
+        kv_bytes_per_token=cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2,
         max_ctx=int(cfg.max_position_embeddings or 0), expert_source=source)
 
 
@@ -298,7 +298,7 @@ def format_plan(p: Plan) -> str:
         f"resident weights: {s.resident_bytes} bytes ({gib(s.resident_bytes)}): attention, dense and shared MLPs, "
         f"router, norms, lm_head",
         f"embedding: {gib(s.embedding_bytes)}, read by row from disk",
-        f"KV cache: {s.kv_bytes_per_token} bytes per token ({s.n_layers} layers x latent + rope x 4 B); "
+        f"KV cache: {s.kv_bytes_per_token} bytes per token ({s.n_layers} layers x latent + rope x 2 B, bf16); "
         f"{p.ctx} tokens: {p.kv_bytes} bytes ({gib(p.kv_bytes)})"
         + (f"; the model's full {s.max_ctx}: {gib(s.kv_bytes(s.max_ctx))}" if s.max_ctx > p.ctx else ""),
     ]

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillProgress:
+    done: int                   # prompt tokens of this prefill computed so far
+    total: int                  # prompt tokens this prefill computes (cached ones excluded)
+
+
+@dataclass(frozen=True, slots=True)
 class ReasoningDelta:
     text: str
 
@@ -43,4 +49,4 @@ class Finish:
     stop_sequence: str | None = None    # with "stop": the stop string that ended the text, if one did
 
 
-Event = ReasoningDelta | ContentDelta | ToolCallDelta | TokenLogprobs | Usage | Finish
+Event = PrefillProgress | ReasoningDelta | ContentDelta | ToolCallDelta | TokenLogprobs | Usage | Finish

@@ -7,7 +7,8 @@ dtypes and contiguity and allocates the output; the model calls only the launche
     int4_gemm(packed, scale, X)              -> Y [T, out]
     bf16_gemv(w, x) / bf16_gemm(w, X)        -> y [out] / Y [T, out]
     fp8_gemv(w, scale_inv, x, block=(128, 128)) / fp8_gemm(w, scale_inv, X, block)
-    mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale) -> o_lat [H, R]
+    mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale) -> o_lat [H, R]   cache f32 or bf16 bits
+    mla_absorbed_chunk(q_lat, q_pe, kv, pe, start, scale) -> o_lat [T, H, R]  causal chunk, same cache
     mla_prefill(q, kvb, pe, start, scale, C)  -> out [T, H, V]   causal, latent expanded by kv_b
     absorb_q(kv_b, q_nope, C, V)             -> q_lat [H, R]  W_UK into the query (bf16 kv_b)
     absorb_out(kv_b, o_lat, C, V)            -> o [H, V]      W_UV out of latent space
@@ -27,6 +28,7 @@ from .bf16 import bf16_gemm, bf16_gemm_ref, bf16_gemv, bf16_gemv_ref
 from .fp8 import FP8_E4M3_LUT, fp8_gemm, fp8_gemm_ref, fp8_gemv, fp8_gemv_ref
 from .int4 import int4_gemm, int4_gemm_ref, int4_gemv, int4_gemv_ref
 from .mla import mla_decode_absorbed, mla_decode_absorbed_ref
+from .mla_chunk import mla_absorbed_chunk, mla_absorbed_chunk_ref
 from .mla_prefill import mla_prefill, mla_prefill_ref
 from .warmup import warmup
 
@@ -35,7 +37,7 @@ __all__ = [
     "int4_gemv", "int4_gemm", "int4_gemv_ref", "int4_gemm_ref",
     "bf16_gemv", "bf16_gemm", "bf16_gemv_ref", "bf16_gemm_ref",
     "fp8_gemv", "fp8_gemm", "fp8_gemv_ref", "fp8_gemm_ref", "FP8_E4M3_LUT",
-    "mla_decode_absorbed", "mla_decode_absorbed_ref",
+    "mla_decode_absorbed", "mla_decode_absorbed_ref", "mla_absorbed_chunk", "mla_absorbed_chunk_ref",
     "mla_prefill", "mla_prefill_ref", "absorb_q", "absorb_q_ref", "absorb_out", "absorb_out_ref",
 ]
 

@@ -5,8 +5,8 @@
     o_lat[h]     = sum_t p[h, t] kv[t]
 
 Shape legend: H heads (64), R latent rank (512), P rope dim (64), N cached tokens;
-q_lat [H, R], q_pe [H, P], kv_cache [N, R], pe_cache [N, P] (float32, C-contiguous; a prefix slice
-cache[:N] of a bigger buffer is fine), o_lat [H, R].
+q_lat [H, R], q_pe [H, P], kv_cache [N, R], pe_cache [N, P] (float32, or uint16 holding bf16 bits: the
+bf16 latent cache; C-contiguous; a prefix slice cache[:N] of a bigger buffer is fine), o_lat [H, R].
 
 Numba kernel: flash-decoding. N is split into one contiguous range per thread, each range into
 chunks of CHUNK tokens. Per chunk: scores for 4 heads x 4 tokens at a time (16 register
@@ -14,31 +14,54 @@ accumulators along the 576-long dot, one 16-way transpose-reduce `hsum16`), an o
 (running max / sum per head, vector exp: Cephes polynomial, ~1 ulp), then p @ kv for 4 heads x 64
 columns at a time. Per-thread partial results are merged with the usual log-sum-exp rescaling.
 `scale` is folded into the query (rounding differs from the reference at the 1e-7 level).
+A bf16 cache is widened one chunk at a time into a float32 scratch block (`_stage`: u16 << 16,
+exact) that the same tiles then read; a float32 cache is read in place.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from ._common import FM, check, out_array
+from ._common import _BF16, FM, as_u16, bf16_to_f32, check, out_array
 from ._launch import policy, twin
-from ._simd import (bits2f, f2i, fadd, fma, fmax, fmin, fmul, fsub, hsum, hsum16, iadd, ishl, load_f32, splat_f32,
-                    splat_i32, store_f32, zeros_f32)
+from ._simd import (bits2f, f2i, fadd, fma, fmax, fmin, fmul, fsub, hsum, hsum16, iadd, ishl, load_f32, load_u16,
+                    splat_f32, splat_i32, store_f32, u32_as_f32, zeros_f32)
 
-__all__ = ["mla_decode_absorbed_ref", "mla_decode_absorbed", "CHUNK"]
+__all__ = ["mla_decode_absorbed_ref", "mla_decode_absorbed", "CHUNK", "cache_f32", "check_cache"]
 
 CHUNK = 128
 
 
 def mla_decode_absorbed_ref(q_lat, q_pe, kv_cache, pe_cache, scale):
-    """numpy float32 reference."""
+    """numpy float32 reference (a bf16 cache is decoded to its float32 values first)."""
+    kv_cache, pe_cache = cache_f32(kv_cache), cache_f32(pe_cache)
     s = (q_lat @ kv_cache.T + q_pe @ pe_cache.T) * np.float32(scale)
     s = s - s.max(-1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(-1, keepdims=True)
     return (p @ kv_cache).astype(np.float32)
+
+
+def cache_f32(a: np.ndarray) -> np.ndarray:
+    """A latent-cache array as float32 values: bf16 bits (uint16) decoded exactly, float32 as is."""
+    return bf16_to_f32(a) if a.dtype == np.uint16 else a
+
+
+def check_cache(kv, pe, R, names=("kv_cache", "pe_cache")):
+    """(kv [N, R], pe [N, *]) both float32 or both uint16 bf16 bits (ml_dtypes.bfloat16 accepted)."""
+    if isinstance(kv, np.ndarray) and (kv.dtype == np.uint16 or kv.dtype == _BF16):
+        kv = as_u16(kv, names[0], 2, (None, R))
+    else:
+        kv = check(kv, names[0], np.float32, 2, (None, R))
+    N = kv.shape[0]
+    if kv.dtype == np.uint16:
+        pe = as_u16(pe, names[1], 2, (N, None))
+    else:
+        pe = check(pe, names[1], np.float32, 2, (N, None))
+    return kv, pe
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -58,6 +81,35 @@ def _vexp(x):
     p = fma(p, r, splat_f32(5.0000001201e-1))
     p = fadd(fma(fmul(p, r), r, r), splat_f32(1.0))
     return fmul(p, bits2f(ishl(iadd(f2i(n), splat_i32(127)), 23)))
+
+
+@njit(fastmath=FM, cache=True)
+def _widen(src, off, n, dst):
+    """dst[:n] = float32(bf16 src.flat[off : off+n]) (exact: the bits shifted into the high half)."""
+    nv = n // 16 * 16
+    for i in range(0, nv, 16):
+        store_f32(dst, i, bits2f(ishl(load_u16(src, off + i), 16)))
+    for i in range(nv, n):
+        dst[i] = u32_as_f32(np.uint32(src[off + i]) << 16)
+
+
+def _stage(kvf, pef, j0, n, R, P, kvs, pes):
+    """(kv, pe, base): where keys j0..j0+n-1 are read as float32 rows base..base+n-1 (numba only)."""
+    raise NotImplementedError
+
+
+@overload(_stage, jit_options={"fastmath": FM})
+def _stage_impl(kvf, pef, j0, n, R, P, kvs, pes):
+    if kvf.dtype == types.float32:
+        def stage_f32(kvf, pef, j0, n, R, P, kvs, pes):   # read in place
+            return kvf, pef, j0
+        return stage_f32
+
+    def stage_bf16(kvf, pef, j0, n, R, P, kvs, pes):      # widen the chunk into the scratch rows 0..n-1
+        _widen(kvf, j0 * R, n * R, kvs)
+        _widen(pef, j0 * P, n * P, pes)
+        return kvs, pes, 0
+    return stage_bf16
 
 
 @njit(fastmath=FM, cache=True)
@@ -143,19 +195,20 @@ def _pv_rest(Pm, Cs, h0, n, j0, kvf, R, O, rstart):
 
 
 @njit(fastmath=FM, cache=True)
-def _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch):
+def _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch, kvs, pes):
     """Online-softmax attention of all Hp heads over tokens lo..hi-1 -> running (m, l, O)."""
     Cs = S.shape[0] // Hp
     for j0 in range(lo, hi, Cs):
         n = min(Cs, hi - j0)
+        kb, pb, b0 = _stage(kvf, pef, j0, n, R, P, kvs, pes)
         # scores
         for h0 in range(0, Hp, 4):
             for jj in range(0, n, 4):
-                t0 = j0 + jj
-                t1 = min(t0 + 1, j0 + n - 1)
-                t2 = min(t0 + 2, j0 + n - 1)
-                t3 = min(t0 + 3, j0 + n - 1)
-                _qk_tile(Q, D, h0, kvf, pef, R, P, t0, t1, t2, t3, scratch)
+                t0 = b0 + jj
+                t1 = min(t0 + 1, b0 + n - 1)
+                t2 = min(t0 + 2, b0 + n - 1)
+                t3 = min(t0 + 3, b0 + n - 1)
+                _qk_tile(Q, D, h0, kb, pb, R, P, t0, t1, t2, t3, scratch)
                 for hh in range(4):
                     for tt in range(min(4, n - jj)):
                         S[(h0 + hh) * Cs + jj + tt] = scratch[hh * 4 + tt]
@@ -193,9 +246,9 @@ def _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch):
         R64 = R // 64 * 64
         for h0 in range(0, Hp, 4):
             for rb in range(0, R64, 64):
-                _pv_tile4(S, Cs, h0, n, j0, kvf, R, O, rb)
+                _pv_tile4(S, Cs, h0, n, b0, kb, R, O, rb)
             if R64 < R:
-                _pv_rest(S, Cs, h0, n, j0, kvf, R, O, R64)
+                _pv_rest(S, Cs, h0, n, b0, kb, R, O, R64)
 
 
 @twin
@@ -212,6 +265,8 @@ def _mla(Q, Hp, kv, pe, nparts, pm, pl, pO):
         hi = min(N, lo + per)
         S = np.empty(Hp * CHUNK, np.float32)
         scratch = np.zeros(16, np.float32)
+        kvs = np.empty(CHUNK * R, np.float32)     # bf16 staging (unused for a float32 cache)
+        pes = np.empty(CHUNK * P, np.float32)
         m = pm[ip]
         l = pl[ip]
         O = pO[ip].reshape(-1)
@@ -220,7 +275,7 @@ def _mla(Q, Hp, kv, pe, nparts, pm, pl, pO):
             l[h] = 0.0
         O[:] = 0.0
         if lo < hi:
-            _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch)
+            _partition(Q, Hp, D, kvf, pef, R, P, lo, hi, m, l, O, S, scratch, kvs, pes)
 
 
 @njit(cache=True)
@@ -245,14 +300,16 @@ def _merge(pm, pl, pO, H, out):
 
 
 def mla_decode_absorbed(q_lat, q_pe, kv_cache, pe_cache, scale, out=None):
-    """o_lat [H, R] float32. q_lat [H, R], q_pe [H, P], kv_cache [N, R], pe_cache [N, P] float32."""
+    """o_lat [H, R] float32. q_lat [H, R], q_pe [H, P] float32; kv_cache [N, R], pe_cache [N, P] both
+    float32 or both uint16 (bf16 bits)."""
     q_lat = check(q_lat, "q_lat", np.float32, 2)
     H, R = q_lat.shape
     q_pe = check(q_pe, "q_pe", np.float32, 2, (H, None))
     P = q_pe.shape[1]
-    kv_cache = check(kv_cache, "kv_cache", np.float32, 2, (None, R))
+    kv_cache, pe_cache = check_cache(kv_cache, pe_cache, R)
     N = kv_cache.shape[0]
-    pe_cache = check(pe_cache, "pe_cache", np.float32, 2, (N, P))
+    if pe_cache.shape[1] != P:
+        raise ValueError(f"pe_cache: expected shape ({N}, {P}), got {pe_cache.shape}")
     if N == 0:
         raise ValueError("kv_cache: empty (N = 0): nothing to attend to")
     o = out_array(out, (H, R))

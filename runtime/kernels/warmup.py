@@ -6,7 +6,8 @@ and read-only arrays are a different type from writable ones. The first forward 
 1.3 s 64-token prefill on the k2-slice). `warmup()` pays it at load time instead, on tiny inputs of
 the exact types the model passes: float32 activations, uint16 (bf16) / int32 + uint16 (INT4) /
 uint8 + float32 (FP8) weights, each writable and read-only, through every path (GEMV, small-T GEMM,
-tiled GEMM, absorbed decode and prefill attention).
+tiled GEMM, absorbed decode and chunk attention over an fp32 or bf16 latent cache, prefill
+attention).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .bf16 import bf16_gemm, bf16_gemv
 from .fp8 import fp8_gemm, fp8_gemv
 from .int4 import DIRECT_T_MAX, int4_gemm, int4_gemv
 from .mla import mla_decode_absorbed
+from .mla_chunk import mla_absorbed_chunk
 from .mla_prefill import mla_prefill
 
 __all__ = ["warmup", "FORMATS"]
@@ -76,8 +78,11 @@ def _run_all(formats) -> None:
     # attention: H heads, R latent, P rope, C nope, V value dims (small, but the same types)
     H, R, P, C, V, N = 4, 32, 16, 16, 16, 3
     kv, pe = rng.standard_normal((N, R)).astype(np.float32), rng.standard_normal((N, P)).astype(np.float32)
-    mla_decode_absorbed(rng.standard_normal((H, R)).astype(np.float32),
-                        rng.standard_normal((H, P)).astype(np.float32), kv, pe, 0.1)
+    bf16 = [(a.view(np.uint32) >> 16).astype(np.uint16) for a in (kv, pe)]       # truncated: any bits do
+    q, qp = rng.standard_normal((2, H, R)).astype(np.float32), rng.standard_normal((2, H, P)).astype(np.float32)
+    for a, b in _both(kv, pe) + _both(*bf16):   # the latent cache: fp32 or bf16 bits, live or restored
+        mla_decode_absorbed(q[0], qp[0], a, b, 0.1)
+        mla_absorbed_chunk(q, qp, a, b, N - 2, 0.1)
     mla_prefill(rng.standard_normal((N, H, C + P)).astype(np.float32),
                 rng.standard_normal((N, H, C + V)).astype(np.float32), pe, 0, 0.1, C)
     for (kvb,) in _both(rng.integers(0, 1 << 14, (H * (C + V), R)).astype(np.uint16)):

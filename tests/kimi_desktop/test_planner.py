@@ -159,7 +159,7 @@ def test_full_k2_config_from_headers_only(k2_full):
     assert s.disk_bytes > 500e9 and on_disk < 100 * MIB            # sparse: headers only
     assert (s.n_experts, s.moe_layers, s.top_k, s.n_layers) == (60 * 384, 60, 8, 61)
     assert s.expert_nbytes == 3 * (2048 * 896 * 4 + 2048 * 224 * 2)  # INT4 nibbles + bf16 group-32 scales
-    assert s.kv_bytes_per_token == 61 * (512 + 64) * 4
+    assert s.kv_bytes_per_token == 61 * (512 + 64) * 2        # bf16 latent: 70 KB per token
     params = s.resident_bytes // 2 + s.embedding_bytes // 2 + s.n_experts * 3 * 2048 * 7168
     assert 1.0e12 < params < 1.1e12                                   # "1T parameters"
     big, mid, small = (plan_memory(s, g * GIB) for g in (768, 256, 64))

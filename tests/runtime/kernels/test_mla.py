@@ -1,11 +1,14 @@
 """Absorbed MLA decode attention vs the numpy reference vs float64."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from kimi_desktop.runtime import kernels as K
 from kimi_desktop.runtime.kernels import mla
+
+from kimi_desktop.runtime.kernels._common import bf16_to_f32, f32_to_bf16
 
 from ._util import rng
 
@@ -35,6 +38,20 @@ def test_mla(H, R, P, N):
     np.testing.assert_allclose(K.mla_decode_absorbed_ref(ql, qp, kv, pe, 0.1308608), want, atol=tol)
 
 
+@pytest.mark.parametrize("H,R,P,N", [(3, 20, 5, 3), (7, 96, 32, 300), (64, 512, 64, 2 * mla.CHUNK + 17)])
+def test_mla_bf16_cache(H, R, P, N):
+    """uint16 bf16 bits (and the ml_dtypes view) against float64 on the values the bf16 cache holds."""
+    ql, qp, kv, pe = _case(H, R, P, N, H * 5 + N)
+    kb, pb = f32_to_bf16(kv), f32_to_bf16(pe)
+    kd, pd = bf16_to_f32(kb), bf16_to_f32(pb)
+    want = _f64(ql, qp, kd, pd, 0.1308608)
+    tol = 2e-6 * np.abs(kd).max()
+    np.testing.assert_allclose(K.mla_decode_absorbed(ql, qp, kb, pb, 0.1308608), want, atol=tol)
+    np.testing.assert_allclose(K.mla_decode_absorbed(ql, qp, kb.view(ml_dtypes.bfloat16), pb.view(ml_dtypes.bfloat16),
+                                                     0.1308608), want, atol=tol)
+    np.testing.assert_allclose(K.mla_decode_absorbed_ref(ql, qp, kb, pb, 0.1308608), want, atol=tol)
+
+
 def test_mla_peaked_softmax_and_prefix_view():
     ql, qp, kv, pe = _case(4, 64, 16, 700, 3, spread=4.0)   # large scores: max-subtraction matters
     cache_kv = np.concatenate([kv, np.full((100, 64), np.nan, np.float32)])   # unused capacity
@@ -58,5 +75,9 @@ def test_mla_checks():
     ql, qp, kv, pe = _case(2, 16, 16, 4, 5)
     with pytest.raises(ValueError, match="pe_cache"):
         K.mla_decode_absorbed(ql, qp, kv, pe[:3], 0.1)
+    with pytest.raises(TypeError, match="pe_cache"):
+        K.mla_decode_absorbed(ql, qp, f32_to_bf16(kv), pe, 0.1)       # mixed storage
+    with pytest.raises(TypeError, match="kv_cache"):
+        K.mla_decode_absorbed(ql, qp, kv.astype(np.float64), pe, 0.1)
     with pytest.raises(ValueError, match="empty"):
         K.mla_decode_absorbed(ql, qp, kv[:0], pe[:0], 0.1)
