@@ -53,6 +53,26 @@ def cmd_make_test_model(args) -> int:
     return 0
 
 
+def cmd_cache_clear(args) -> int:
+    from kimi_desktop.kv_store import clear_kv_cache, default_kv_dir
+
+    folder = args.kv_dir or default_kv_dir()
+    freed = clear_kv_cache(folder)
+    print(f"freed {freed} bytes ({freed / 2**20:.1f} MiB) of saved conversation KV cache in {folder}")
+    return 0
+
+
+def register_cache(sub) -> None:
+    """`cache clear`: the saved conversation KV files (kv_store.py)."""
+    c = sub.add_parser("cache", help="manage the saved conversation KV cache",
+                       description="The latent KV cache of finished turns, kept on disk so a restart continues "
+                                   "a conversation without recomputing its prompt.")
+    csub = c.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cc = csub.add_parser("clear", help="delete every saved KV file", description="Delete every saved KV file.")
+    cc.add_argument("--kv-dir", default=None, metavar="DIR", help="the KV folder (default: the user cache's)")
+    cc.set_defaults(func=cmd_cache_clear)
+
+
 APP_MISSING = "the desktop app needs {what}: pip install 'kimi-desktop[app]'"
 
 
@@ -118,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat template and end tokens of K2-Thinking or K2-Instruct")
     m.set_defaults(func=cmd_make_test_model)
 
+    register_cache(sub)
     from kimi_desktop.chat_cli import register as register_chat
     from kimi_desktop.gguf_export import register as register_export_gguf
     from kimi_desktop.offload.prepare import register as register_prepare

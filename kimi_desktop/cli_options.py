@@ -110,6 +110,13 @@ def add_model_args(p: argparse.ArgumentParser, engines: bool = False) -> None:
                    help="RAM in GiB for the routed-expert cache (native engine); 0: no cache, the experts "
                         "are read through the OS page cache; default: chosen from the model's size and "
                         "the memory available")
+    if engines:
+        p.add_argument("--kv-ram-gb", type=float_in(0.0), default=None, metavar="G",
+                       help="RAM in GiB for conversations' KV caches held at once (native engine; default: "
+                            "twice a 32K-token context's)")
+        p.add_argument("--kv-disk-gb", type=float_in(0.0), default=None, metavar="G",
+                       help="disk in GiB for conversations' KV caches saved after each turn, so a restart "
+                            "continues without recomputing the prompt (native engine; default 8; 0: none)")
 
 
 def resolve_model(args, engine: str = "native") -> str | Path:
@@ -165,10 +172,17 @@ def expert_cache_choice(args, path: Path):
 
 
 def engine_options(args, path) -> dict:
-    """open_engine keywords from the shared options (--ctx, --expert-cache-gb, --threads), checked."""
+    """open_engine keywords from the shared options (--ctx, --expert-cache-gb, --kv-ram-gb, --kv-disk-gb,
+    --threads), checked."""
     opts: dict = {"ctx": args.ctx} if args.ctx else {}
     if args.expert_cache_gb is not None and args.engine != "native":
         raise UsageError(f"--expert-cache-gb is for the native engine, not --engine {args.engine}")
+    for flag in ("kv_ram_gb", "kv_disk_gb"):
+        value = getattr(args, flag, None)
+        if value is not None and args.engine != "native":
+            raise UsageError(f"--{flag.replace('_', '-')} is for the native engine, not --engine {args.engine}")
+        if value is not None:
+            opts[flag] = value
     if args.engine == "native":
         opts["expert_cache"] = expert_cache_choice(args, path)
     if args.engine == "llama.cpp" and args.threads:

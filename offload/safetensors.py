@@ -169,7 +169,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: short read of header ({len(raw)} of {n} bytes)")
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:       # bad UTF-8 / JSON, a 5000-digit int, deep nesting
             raise CheckpointError(f"{self.path}: header is not valid JSON: {e}") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
@@ -184,7 +184,7 @@ class SafetensorsFile:
             if not isinstance(entry, dict):
                 raise CheckpointError(f"{where}: header entry is not an object")
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:     # a list is unhashable
                 raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
             if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
                 raise CheckpointError(f"{where}: shape must be a list of non-negative ints, found {shape!r}")

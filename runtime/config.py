@@ -51,6 +51,11 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def context_limit(self) -> int:
+        """Tokens the model's positions cover (K2-Thinking 262,144; K2-Instruct 131,072)."""
+        return int(self.max_position_embeddings)
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -106,6 +111,9 @@ class ModelConfig:
         if self.n_routed_experts and self.num_experts_per_tok > self.topk_group * per_group:
             raise CheckpointError(f"{source}: num_experts_per_tok {self.num_experts_per_tok} exceeds the experts "
                                   f"in topk_group groups")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 1:
+            raise CheckpointError(f"{source}: max_position_embeddings must be a positive integer, "
+                                  f"got {self.max_position_embeddings!r}")
         if self.qk_rope_head_dim % 2:
             raise CheckpointError(f"{source}: qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         rs = self.rope_scaling

@@ -18,7 +18,8 @@ import numpy as np
 from kimi_desktop.offload.formats import Fp8BlockLinear, Int4Linear, Linear, PlainLinear
 
 from .kernels import (absorb_out, absorb_q, bf16_gemm, bf16_gemv, fp8_gemm, fp8_gemv, int4_gemm, int4_gemv,
-                      mla_decode_absorbed, mla_prefill)
+                      mla_absorbed_chunk, mla_decode_absorbed, mla_prefill)
+from .session import as_f32
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ATTN_IMPLS = ("auto", "naive", "absorb")
@@ -95,31 +96,31 @@ def attention_form(opts: Options, T: int, N: int, H: int, C: int, V: int, kv_b: 
 def attend(q: np.ndarray, kv: np.ndarray, pe: np.ndarray, kv_b: Linear, start: int, scale: np.float32,
            opts: Options) -> np.ndarray:
     """Causal MLA over the latent cache: q [T, H, C+P] (q_nope | rotated q_pe), at positions
-    start..start+T-1, kv [N, R] (normalised c_kv), pe [N, P] (rotated k_pe), N = start + T
-    -> out [T, H, V] float32 (before o_proj)."""
+    start..start+T-1, kv [N, R] (normalised c_kv), pe [N, P] (rotated k_pe), N = start + T, in the
+    cache's storage (float32, or uint16 bf16 bits) -> out [T, H, V] float32 (before o_proj)."""
     T, H = q.shape[:2]
     N, P = pe.shape
     C = q.shape[2] - P
     V = kv_b.shape[0] // H - C
     form = attention_form(opts, T, N, H, C, V, kv_b)
     if form == "naive_kernel":
-        kvb = linear(kv_b, kv, opts.kernels).reshape(N, H, C + V)        # [N, H, C+V]
-        return mla_prefill(q, kvb, pe, start, float(scale), C)          # [T, H, V]
+        kvb = linear(kv_b, as_f32(kv), opts.kernels).reshape(N, H, C + V)      # [N, H, C+V]
+        return mla_prefill(q, kvb, as_f32(pe), start, float(scale), C)        # [T, H, V]
     q_nope, q_pe = q[..., :C], np.ascontiguousarray(q[..., C:])          # [T, H, C], [T, H, P]
     if form == "naive_ref":
-        return naive_attention_ref(q_nope, q_pe, linear(kv_b, kv, opts.kernels).reshape(N, H, C + V),
-                                   pe, start, scale)
+        return naive_attention_ref(q_nope, q_pe, linear(kv_b, as_f32(kv), opts.kernels).reshape(N, H, C + V),
+                                   as_f32(pe), start, scale)
     if form == "absorb_kernel":
-        # per query: W_UK into the query, attention over the latent cache up to its own
-        # position (causal), W_UV per head
-        out = np.empty((T, H, V), np.float32)
-        for t in range(T):
-            n = start + t + 1
-            q_lat = absorb_q(kv_b.weight, q_nope[t], C, V)                           # [H, R]
-            o_lat = mla_decode_absorbed(q_lat, q_pe[t], kv[:n], pe[:n], float(scale))  # [H, R]
-            out[t] = absorb_out(kv_b.weight, o_lat, C, V)                            # [H, V]
-        return out
-    return absorbed_attention_ref(q_nope, q_pe, kv, pe, kv_b.dequantize().reshape(H, C + V, -1), start, scale)
+        # W_UK into the queries, one causal pass over the latent cache for the whole chunk (each
+        # query up to its own position), W_UV per head
+        q_lat = np.stack([absorb_q(kv_b.weight, q_nope[t], C, V) for t in range(T)])      # [T, H, R]
+        if T == 1:
+            o_lat = mla_decode_absorbed(q_lat[0], q_pe[0], kv, pe, float(scale))[None]   # [1, H, R]
+        else:
+            o_lat = mla_absorbed_chunk(q_lat, q_pe, kv, pe, start, float(scale))         # [T, H, R]
+        return np.stack([absorb_out(kv_b.weight, o_lat[t], C, V) for t in range(T)])     # [T, H, V]
+    return absorbed_attention_ref(q_nope, q_pe, as_f32(kv), as_f32(pe), kv_b.dequantize().reshape(H, C + V, -1),
+                                  start, scale)
 
 
 def naive_attention_ref(q_nope, q_pe, kvb, pe, start, scale) -> np.ndarray:

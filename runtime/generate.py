@@ -5,7 +5,8 @@ Knows nothing of text, chat formats or streams. A *session* is a KV cache with
 
     session.tokens          # token ids it holds
     session.truncate(n)     # keep the first n
-    session.feed(ids)       # append; float32 logits of the last position [vocab]
+    session.feed(ids, progress=None, cancelled=None)
+                            # append; float32 logits of the last position [vocab]
 
 (runtime's Session; the llama.cpp engine's context wrapper has the same three).
 """
@@ -41,8 +42,8 @@ def reuse_prefix(session, prompt: Sequence[int]) -> int:
     return keep
 
 
-def generate_step(session, prompt: Sequence[int], sampler: Sampler,
-                  next_token: NextToken | None = None) -> Iterator[Draw]:
+def generate_step(session, prompt: Sequence[int], sampler: Sampler, next_token: NextToken | None = None,
+                  progress=None, cancelled=None) -> Iterator[Draw]:
     """Feed `prompt` (the tokens after those the session holds), then yield one Draw per new token.
 
     Args:
@@ -51,6 +52,8 @@ def generate_step(session, prompt: Sequence[int], sampler: Sampler,
         sampler: draws the tokens (its penalties see every token drawn or forced through it).
         next_token: the per-step hook (a mask, a constraint, a forced token) built on `sampler`;
             None ends the generation. Default: `sampler.sample(logits)`.
+        progress, cancelled: passed to the prefill's feed (progress(done, total) after each chunk;
+            cancelled() True between chunks raises runtime.session.PrefillCancelled).
 
     Yields:
         Draw (token, and its logprobs when the hook asks for them). The token is fed back, the next
@@ -58,7 +61,9 @@ def generate_step(session, prompt: Sequence[int], sampler: Sampler,
         the budget, a cancel) costs no pass more.
     """
     choose = next_token if next_token is not None else sampler.sample
-    logits = session.feed(prompt)                           # prefill
+    # the hooks only when given: a session without them (a test double, an older wrapper) still works
+    hooks = {k: v for k, v in (("progress", progress), ("cancelled", cancelled)) if v is not None}
+    logits = session.feed(prompt, **hooks)                                       # prefill
     while (draw := choose(logits)) is not None:
         yield draw
         logits = session.feed([draw.token])                 # decode one token

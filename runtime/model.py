@@ -82,10 +82,10 @@ class Attention:
         q = q.reshape(T, H, C + cfg.qk_rope_head_dim)                 # [T, H, C+P]
         q[..., C:] = self.rope.apply(q[..., C:], pos)                 # q_pe rotated in place
         ckv = linear(self.kv_a_proj_with_mqa(), x, k)                  # [T, R+P]
-        cache.kv[self.layer][start:start + T] = rms_norm(ckv[:, :R], self.kv_a_layernorm(), eps)
-        cache.pe[self.layer][start:start + T] = self.rope.apply(ckv[:, R:], pos)
+        cache.write(self.layer, start, rms_norm(ckv[:, :R], self.kv_a_layernorm(), eps),
+                    self.rope.apply(ckv[:, R:], pos))                 # rounded to the storage dtype
         N = start + T
-        kv, pe = cache.kv[self.layer][:N], cache.pe[self.layer][:N]  # [N, R], [N, P]
+        kv, pe = cache.kv[self.layer][:N], cache.pe[self.layer][:N]  # [N, R], [N, P], storage dtype
         out = attend(q, kv, pe, self.kv_b_proj(), start, self.scale, self.opts)   # [T, H, V]
         return linear(self.o_proj(), np.ascontiguousarray(out.reshape(T, H * V), dtype=np.float32), k)
 
@@ -267,8 +267,10 @@ class Model:
         quantized = {"compressed-tensors": "int4", "fp8": "fp8"}.get(self.qcfg.method)
         return kernels.warmup(("bf16",) + ((quantized,) if quantized else ()))
 
-    def session(self) -> Session:
-        return Session(self)
+    kv_dtype = "bf16"           # the latent cache's storage in new sessions (load_model's kv_dtype)
+
+    def session(self, kv_dtype: str | None = None) -> Session:
+        return Session(self, kv_dtype=kv_dtype)
 
     def forward(self, ids: np.ndarray, cache: LatentCache, start: int, logits: str = "last") -> np.ndarray | None:
         """ids [T] at positions start.. -> logits [T, vocab] ("all"), [1, vocab] ("last") or None ("none")."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# the engines save conversations' KV caches in the user cache folder: never the user's own, never
+# carried from one run to the next
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="kimi-test-cache-")
 
 
 @pytest.fixture(scope="session")

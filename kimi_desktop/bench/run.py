@@ -298,6 +298,9 @@ def main(args) -> int:
     if args.api:
         from .api import run
         return run(args)
+    if args.longctx:
+        from .longctx import run as run_longctx
+        return run_longctx(args)
     if args.demo:
         from kimi_desktop.demo import demo_model_path
         args.model = str(demo_model_path())
@@ -378,5 +381,12 @@ def register(subparsers) -> None:
     p.add_argument("--api", action="store_true",
                    help="instead: what the local HTTP server adds per streamed token (against direct engine "
                         "calls) and the time from launching `serve` to a healthy /health")
+    p.add_argument("--longctx", action="store_true",
+                   help="instead: long-context prefill/decode at 1K/8K/32K, KV bytes per token, a cached "
+                        "follow-up's time to first token and the absorbed attention kernel at 32K")
+    p.add_argument("--max-ctx", type=int_at_least(1024), default=32768, metavar="N",
+                   help="--longctx: skip contexts above N (default 32768)")
+    p.add_argument("--no-follow-up", dest="follow_up", action="store_false",
+                   help="--longctx: skip the 16K-conversation follow-up")
     p.add_argument("--out", default=None, help="write all results as JSON")
     p.set_defaults(func=main)

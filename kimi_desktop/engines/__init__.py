@@ -13,7 +13,8 @@ def open_engine(kind: str, path: str | Path, **opts: Any):
 
     native:    path = a checkpoint folder; options ctx (context tokens; default the model's
                max_position_embeddings), expert_cache_gb (None: sized to this machine by
-               kimi_desktop.planner, 0: the OS page cache), or expert_cache_bytes and direct_io.
+               kimi_desktop.planner, 0: the OS page cache), or expert_cache_bytes and direct_io;
+               kv_ram_gb, kv_disk_gb, kv_dir (conversations' KV caches held in RAM and saved to disk).
     llama.cpp: path = a .gguf file; options ctx (default the GGUF's context_length, at most 8192),
                threads, tokenizer_dir (a checkpoint folder whose tokenizer / chat template to use;
                default the GGUF's own), n_gpu_layers, and llama_cpp.Llama keywords (type_k, n_batch, ...).

@@ -30,10 +30,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from kimi_desktop.chat import (ChatRequestError, ChatStream, FifoLock, Finish, Sampling, Usage,
+from kimi_desktop.chat import (ChatRequestError, ChatStream, FifoLock, Finish, PrefillProgress, Sampling, Usage,
                                count_history_tool_calls, validate_request)
 from kimi_desktop.constrain import Constrainer, StepFilter, ToolSpec
 from kimi_desktop.runtime.generate import generate_step, reuse_prefix
+from kimi_desktop.runtime.session import PrefillCancelled
 
 from .generation import Generation
 
@@ -180,13 +181,14 @@ class LocalEngine(QueuedEngine):
     kind = "local"
 
     def _init_local(self, tokenizer, session, ctx: int, vocab: int, end_ids: Iterable[int] = (),
-                    allowed: np.ndarray | None = None) -> None:
+                    allowed: np.ndarray | None = None, pool=None) -> None:
         """tokenizer / session as in the module docstring; ctx: context tokens; vocab: length of the
         logits session.feed returns; end_ids: ids that end a response besides the tokenizer's
         eos_ids, <|im_end|> and [EOS]; allowed: bool [vocab] of ids that may ever be sampled
-        (default: the ids the tokenizer can decode)."""
+        (default: the ids the tokenizer can decode); pool: a kv_pool.SessionPool that chooses each
+        request's session (then `session` is its first one), or None: one session for every request."""
         self.tokenizer = tok = tokenizer
-        self.session = session
+        self.session, self.pool = session, pool
         self.ctx = int(ctx)
         self.vocab = int(vocab)
         sp = tok.special_ids
@@ -211,7 +213,7 @@ class LocalEngine(QueuedEngine):
             "decode_tok_s": 0.0, "prefill_tok_s": 0.0, "ttft_s": None,
             "last_prompt_tokens": 0, "last_prefill_tokens": 0, "last_cached_tokens": 0,
             "last_completion_tokens": 0, "prefill_tokens_total": 0, "completion_tokens_total": 0,
-            "requests": 0,
+            "requests": 0, "prefill_done": 0, "prefill_total": 0,
         }
 
     # -- the API -----------------------------------------------------------------------------------
@@ -307,6 +309,8 @@ class LocalEngine(QueuedEngine):
         self.lock.acquire(t)
         try:
             self.session.truncate(0)
+            if self.pool is not None:
+                self.pool.reset()
         finally:
             self.lock.release(t)
 
@@ -357,17 +361,40 @@ class LocalEngine(QueuedEngine):
 
     def _generate(self, stream: ChatStream, ids: list[int], budget: int, sampling: Sampling,
                   constrainer: Constrainer | None, raw: bool = False) -> None:
-        """One request, on its worker: prefill what the session lacks of the prompt, then one token per
-        forward pass (gen.next_token chooses it, gen.take applies it) until the response ends, then
-        finish. runtime/generate.py runs the passes; engines/generation.py is the rest."""
-        reuse = reuse_prefix(self.session, ids)
+        """One request, on its worker: prefill what the session lacks of the prompt (in chunks, with
+        PrefillProgress events when there is more than one, stopping between chunks on a cancel), then
+        one token per forward pass (gen.next_token chooses it, gen.take applies it) until the response
+        ends, then finish. runtime/generate.py runs the passes; engines/generation.py is the rest."""
+        if self.pool is not None:
+            self.session, reuse = self.pool.acquire(ids)
+        else:
+            reuse = reuse_prefix(self.session, ids)
         gen = Generation(self, stream, ids, budget, sampling, constrainer, raw,
                          on_prefill=lambda secs: self._record_prefill(len(ids), reuse, secs))
-        for draw in generate_step(self.session, ids[reuse:], gen.sampler, gen.next_token):
-            if gen.take(draw):
-                break
+        todo = len(ids) - reuse
+        chunked = todo > (getattr(self.session, "chunk", None) or todo)
+        try:
+            steps = generate_step(self.session, ids[reuse:], gen.sampler, gen.next_token,
+                                  progress=(lambda done, total: self._prefill_progress(stream, done, total))
+                                  if chunked else None, cancelled=gen.ended)
+            for draw in steps:
+                if gen.take(draw):
+                    break
+        except PrefillCancelled:
+            self._prefill_progress(None, 0, 0)
+            stream.put(Usage(len(ids), 0, reuse))
+            stream.put(Finish("cancelled"))
+            return
         self._record_decode(gen, time.monotonic())
         gen.finish(Usage(len(ids), gen.n, reuse))
+        if self.pool is not None and gen.reason != "cancelled":
+            self.pool.finished(self.session)
+
+    def _prefill_progress(self, stream: ChatStream | None, done: int, total: int) -> None:
+        with self._state_lock:
+            self._stats["prefill_done"], self._stats["prefill_total"] = (done, total) if done < total else (0, 0)
+        if stream is not None:
+            stream.put(PrefillProgress(done, total))
 
     def _record_prefill(self, n_prompt: int, reuse: int, secs: float) -> None:
         n_prefill = n_prompt - reuse

@@ -57,7 +57,7 @@ class Generation:
         self.t0 = time.monotonic()
         self.t_first: float | None = None
 
-    def _ended(self) -> bool:
+    def ended(self) -> bool:
         return self.stream.cancelled or self.engine._closed
 
     # -- the token ---------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class Generation:
         if self.on_prefill is not None:
             self.on_prefill(time.monotonic() - self.t0)
             self.on_prefill = None
-        if self._ended():
+        if self.ended():
             self.reason = "cancelled"
             return None
         step = self.constrainer.step() if self.constrainer is not None else None
@@ -115,7 +115,7 @@ class Generation:
             return self._end("stop")
         if self.one_call and self.parser.tool_calls and self.parser.phase not in ("tool_call_id", "tool_arguments"):
             return self._end("stop")            # parallel_tool_calls false: the first call is complete
-        if self._ended():
+        if self.ended():
             return self._end("cancelled")
         if self.n >= self.budget:
             return self._end("length")

@@ -315,7 +315,14 @@ class LlamaSession:
         self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
         self.llm.n_tokens = n
 
-    def feed(self, ids: Sequence[int]) -> np.ndarray:
+    def feed(self, ids: Sequence[int], progress=None, cancelled=None) -> np.ndarray:
+        """llama.cpp batches the prompt itself: one progress report at the end, no cancel inside."""
+        logits = self._feed(ids)
+        if progress is not None:
+            progress(len(ids), len(ids))
+        return logits
+
+    def _feed(self, ids: Sequence[int]) -> np.ndarray:
         import llama_cpp
 
         if self.closed:

@@ -26,11 +26,15 @@ class NativeEngine(LocalEngine):
 
     def __init__(self, model_path: str | Path, ctx: int | None = None, *, model=None, tokenizer=None,
                  expert_cache_gb: float | None = None, expert_cache=None, expert_cache_bytes: int | None = None,
-                 direct_io: bool | None = None):
+                 direct_io: bool | None = None, kv_ram_gb: float | None = None, kv_disk_gb: float = 8.0,
+                 kv_dir: str | Path | None = None):
         """Routed experts: `expert_cache_bytes` (0: the page cache) as given; else `expert_cache`, a
         planner.ExpertCacheChoice made already (the CLI checks its flag that way); else
         planner.choose_expert_cache(expert_cache_gb): None = sized to this machine, 0 = the page
-        cache, > 0 = a store of that many GiB (ValueError in the user's terms when it cannot be)."""
+        cache, > 0 = a store of that many GiB (ValueError in the user's terms when it cannot be).
+        KV: conversations' latent caches held in RAM within kv_ram_gb (None: twice the KV of a
+        32K-token context, or of ctx if smaller) and saved to disk in kv_dir (default: the user cache
+        folder's kv/) within kv_disk_gb (0: not saved)."""
         from kimi_desktop.runtime import load_model, load_tokenizer
 
         if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2):
@@ -51,12 +55,36 @@ class NativeEngine(LocalEngine):
         tok = tokenizer if tokenizer is not None else load_tokenizer(self.path)
         cfg = self.model.cfg
         max_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
-        self._init_local(tok, self.model.session(), ctx or max_ctx or 4096, int(cfg.vocab_size),
-                         end_ids=self.model.end_ids)
+        ctx = ctx or max_ctx or 4096
+        pool = self._kv_pool(ctx, kv_ram_gb, kv_disk_gb, kv_dir)
+        self._init_local(tok, pool.sessions[0], ctx, int(cfg.vocab_size), end_ids=self.model.end_ids, pool=pool)
         self._generation_defaults = read_generation_config(self.path)     # the checkpoint's recommendation
 
+    def _kv_pool(self, ctx: int, kv_ram_gb: float | None, kv_disk_gb: float, kv_dir):
+        from kimi_desktop.kv_store import KVStore, model_fingerprint
+
+        from .kv_pool import SessionPool
+
+        for name, v in (("kv_ram_gb", kv_ram_gb), ("kv_disk_gb", kv_disk_gb)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        probe = self.model.session()
+        per_token = probe.cache.bytes_per_token
+        ram = int(kv_ram_gb * 2**30) if kv_ram_gb is not None else 2 * per_token * min(ctx, 32768)
+        store = None
+        if kv_disk_gb:
+            cfg = self.model.cfg
+            layout = (cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, probe.cache.dtype_name)
+            store = KVStore(model_fingerprint(self.path), layout, kv_dir, budget_bytes=int(kv_disk_gb * 2**30))
+        return SessionPool(self.model.session, ram, store)
+
     def _engine_stats(self) -> dict:
-        s = {"kv_cache_bytes": int(getattr(getattr(self.session, "cache", None), "nbytes", 0) or 0)}
+        pool, cache = self.pool, getattr(self.session, "cache", None)
+        ram = pool.ram_bytes if pool is not None else int(getattr(cache, "nbytes", 0) or 0)
+        s = {"kv_cache_bytes": ram, "kv_ram_bytes": ram, "kv_sessions": len(pool.sessions) if pool is not None else 1,
+             "kv_ram_budget": pool.budget if pool is not None else None,
+             "kv_disk_bytes": pool.store.disk_bytes if pool is not None and pool.store is not None else 0,
+             "kv_bytes_per_token": getattr(cache, "bytes_per_token", None)}
         s.update(expert_cache_stats(self.model.experts))
         c = self.expert_cache_choice
         s.update(c.as_stats() if c is not None else

@@ -44,6 +44,11 @@ ENGINE_METRICS = (
     ("resident_bytes", "gauge", "resident_bytes", "Resident memory of the server process."),
     ("context_size", "gauge", "context_size", "Context length in tokens."),
     ("context_used", "gauge", "context_used", "Tokens held in the engine's context now."),
+    ("prefill_done", "gauge", "prefill_done", "Prompt tokens of the running prefill computed (0 when idle)."),
+    ("prefill_total", "gauge", "prefill_total", "Prompt tokens the running prefill computes (0 when idle)."),
+    ("kv_sessions", "gauge", "kv_sessions", "Conversations whose KV cache the engine holds in RAM."),
+    ("kv_ram_bytes", "gauge", "kv_ram_bytes", "Bytes of KV cache held in RAM."),
+    ("kv_disk_bytes", "gauge", "kv_disk_bytes", "Bytes of KV cache files on disk."),
 )
 
 

@@ -25,8 +25,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kimi_desktop.chat import (ContentDelta, Finish, ReasoningDelta, Sampling, TokenLogprobs, ToolCallDelta,
-                               Usage)
+from kimi_desktop.chat import (ContentDelta, Finish, PrefillProgress, ReasoningDelta, Sampling, TokenLogprobs,
+                               ToolCallDelta, Usage)
 
 from .choices import Choices, Indexed, seeded
 from .errors import APIError, error_body
@@ -269,8 +269,8 @@ def _chat_chunker(turn, include_usage: bool, index: int = 0, group: Turn | None 
     def chunks(ev) -> list[dict]:
         nonlocal opened
         out = []
-        if isinstance(ev, Finish) and ev.reason == "cancelled":
-            return out
+        if isinstance(ev, PrefillProgress) or (isinstance(ev, Finish) and ev.reason == "cancelled"):
+            return out                  # progress is no part of the answer: it must not open the message
         if not opened and not isinstance(ev, Usage):
             opened = True
             out.append(chunk({"role": "assistant", "content": ""}))
@@ -363,7 +363,7 @@ def _completion_chunker(turn, include_usage: bool, echo: str, want_lp: bool, ind
 
     def chunks(ev) -> list[dict]:
         out = []
-        if isinstance(ev, Usage) or (isinstance(ev, Finish) and ev.reason == "cancelled"):
+        if isinstance(ev, (Usage, PrefillProgress)) or (isinstance(ev, Finish) and ev.reason == "cancelled"):
             return out
         if state["echo"]:
             out.append(chunk(state["echo"]))

@@ -77,8 +77,20 @@ class FeedSpy:
 
 
 def spy(monkeypatch, engine, **kw) -> FeedSpy:
+    """Spy on the feeds of the engine's session, or, with a session pool, of whichever session the
+    pool hands each request (one generation runs at a time)."""
     s = FeedSpy(engine.session, **kw)
     monkeypatch.setattr(engine.session, "feed", s)
+    pool = getattr(engine, "pool", None)
+    if pool is not None:
+        acquire = pool.acquire
+
+        def spied(prompt):
+            session, n = acquire(prompt)
+            s.inner = type(session).feed.__get__(session)
+            monkeypatch.setattr(session, "feed", s)
+            return session, n
+        monkeypatch.setattr(pool, "acquire", spied)
     return s
 
 

@@ -185,12 +185,12 @@ def tok(tiny_int4):
 
 @pytest.fixture(scope="module")
 def ref(tiny_int4):
-    return load_model(tiny_int4)
+    return load_model(tiny_int4, kv_dtype="fp32")        # llama.cpp's cache is f32 here too
 
 
 @pytest.fixture(scope="module")
 def ref_q8(tiny_int4, ref):
-    return load_model(tiny_int4, experts=Q8Experts(tiny_int4, ref.cfg))
+    return load_model(tiny_int4, experts=Q8Experts(tiny_int4, ref.cfg), kv_dtype="fp32")
 
 
 @pytest.fixture

@@ -248,9 +248,10 @@ def test_bad_requests_raise_before_queueing(engine):
 
 
 def test_worker_errors_reach_the_reader(engine, monkeypatch):
-    def broken(ids, all_logits=False):
+    def broken(ids, all_logits=False, **kw):
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(engine.session, "feed", broken)
+    for session in engine.pool.sessions:               # whichever the request gets
+        monkeypatch.setattr(session, "feed", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         engine.chat(MSGS, sampling=Sampling(max_tokens=3)).result()
     monkeypatch.undo()

@@ -168,7 +168,7 @@ def test_full_k2_config_from_headers_only(k2_full):
     assert 0 < small.cache.n_slots < mid.cache.n_slots < s.n_experts
     assert mid.planned_read_per_token < small.planned_read_per_token
     text = format_plan(small)
-    for want in ("resident weights:", "KV cache: 140544 bytes per token", "expert cache:", "hit rate", "disk:"):
+    for want in ("resident weights:", "KV cache: 70272 bytes per token", "expert cache:", "hit rate", "disk:"):
         assert want in text
     tiny_ram = plan_memory(s, 16 * GIB)
     assert any(w.startswith("not enough RAM for the resident weights") for w in tiny_ram.warnings)

@@ -47,7 +47,7 @@ class TurnScripts(ScriptedSession):
         self.requests += 1
         self.prompts.append(None)
 
-    def feed(self, ids, all_logits=False):
+    def feed(self, ids, all_logits=False, progress=None, cancelled=None):
         out = super().feed(ids, all_logits)
         if self.prompts and self.prompts[-1] is None:
             self.prompts[-1] = self.tok.decode(self.tokens, skip_special=False)
@@ -64,7 +64,7 @@ def hub():
 @pytest.fixture(scope="module")
 def engine(tiny_int4):
     e = NativeEngine(tiny_int4)
-    e.session = TurnScripts(e.vocab, e.tokenizer)
+    e.session, e.pool = TurnScripts(e.vocab, e.tokenizer), None
     yield e
     e.close()
 

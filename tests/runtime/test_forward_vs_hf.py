@@ -34,7 +34,7 @@ def prompt(n: int, vocab: int, seed: int = 1) -> list[int]:
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, make_ckpt):
     folder = make_ckpt(**CASES[request.param])
-    return folder, load_model(folder), load_reference(folder)
+    return folder, load_model(folder, kv_dtype="fp32"), load_reference(folder)   # the reference cache
 
 
 def test_prefill_logits_match_transformers(case):
@@ -77,6 +77,6 @@ def test_model_types_and_layout_are_what_the_case_says(case):
 def test_numpy_reference_path_matches_transformers(case):
     """The plain-numpy products (no numba kernels) are kept as the readable reference."""
     folder, _, ref = case
-    model = load_model(folder, kernels=False)
+    model = load_model(folder, kernels=False, kv_dtype="fp32")
     ids = prompt(40, model.cfg.vocab_size, seed=3)
     assert rel_err(model.logits(ids), reference_logits(ref, ids)) < 1e-4

@@ -22,7 +22,7 @@ class ScriptedSession:
     def truncate(self, n):
         del self.tokens[n:]
 
-    def feed(self, ids):
+    def feed(self, ids, progress=None, cancelled=None):
         ids = [int(t) for t in ids]
         self.fed.append(ids)
         self.tokens += ids

@@ -15,7 +15,7 @@ IDS = list(range(300, 309))
 
 
 def test_options_reach_the_model_and_are_checked(tiny_int4):
-    ref = load_model(tiny_int4, kernels=False, attn_impl="absorb", naive_max_bytes=0)
+    ref = load_model(tiny_int4, kernels=False, attn_impl="absorb", naive_max_bytes=0, kv_dtype="fp32")
     assert (ref.options.kernels, ref.options.attn_impl, ref.options.naive_max_bytes) == (False, "absorb", 0)
     assert ref.warmup() == 0.0                           # nothing to compile for the numpy products
     assert load_model(tiny_int4).options.kernels         # another model keeps the defaults
@@ -61,6 +61,6 @@ def test_moe_layers_follow_the_config_rule(tiny_int4):
 
 def test_numpy_reference_products_equal_the_kernels(tiny_int4):
     ids = np.random.default_rng(2).integers(300, 1500, 24).tolist()
-    got = load_model(tiny_int4, kernels=False).logits(ids)
-    want = load_model(tiny_int4).logits(ids)
+    got = load_model(tiny_int4, kernels=False, kv_dtype="fp32").logits(ids)
+    want = load_model(tiny_int4, kv_dtype="fp32").logits(ids)
     assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) < 1e-5

@@ -27,6 +27,7 @@ def main(ckpt: str, db: str) -> int:
     app = QCoreApplication(sys.argv[:1])
     engine = NativeEngine(ckpt)
     sess = engine.session = ScriptedSession(engine.vocab)
+    engine.pool = None                                  # every request on the scripted session
     c = Controller(ConversationStore(db), engine, "scripted")
 
     def script(text: str, delay: float) -> None:

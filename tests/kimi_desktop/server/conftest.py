@@ -34,7 +34,7 @@ def server(server_engine):
 @pytest.fixture(scope="session")
 def scripted_engine(tiny_int4, server_engine):
     e = NativeEngine(tiny_int4, model=server_engine.model, tokenizer=server_engine.tokenizer)
-    e.session = ScriptedSession(e.vocab)
+    e.session, e.pool = ScriptedSession(e.vocab), None          # every request on the scripted session
     yield e
     e.close()
 

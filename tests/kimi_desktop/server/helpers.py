@@ -33,7 +33,7 @@ class ScriptedSession:
         del self.tokens[n:]
         self.pos = 0
 
-    def feed(self, ids, all_logits=False):
+    def feed(self, ids, all_logits=False, progress=None, cancelled=None):
         self.feeds += 1
         if self.delay:
             time.sleep(self.delay)

@@ -42,7 +42,7 @@ seen: list[tuple[str, int]] = []
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_int4, server_engine):
     e = NativeEngine(tiny_int4, CTX, model=server_engine.model, tokenizer=server_engine.tokenizer)
-    e.session = ScriptedSession(e.vocab)
+    e.session, e.pool = ScriptedSession(e.vocab), None          # every request on the scripted session
     e.session.script = e.tokenizer.encode("Hi<|im_end|>")
     s = LocalServer(create_app(e, "fuzz", max_queue=4), port=0, logs=False).start_in_thread()
     yield s

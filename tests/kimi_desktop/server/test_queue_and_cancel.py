@@ -75,7 +75,7 @@ def test_queue_limit_fifo_and_a_waiting_client_that_leaves(scripted, scripted_en
 
 
 def test_an_engine_failure_is_an_error_object_and_the_server_goes_on(scripted, scripted_engine, script, monkeypatch):
-    def broken(ids, all_logits=False):
+    def broken(ids, all_logits=False, **kw):
         raise RuntimeError("disk on fire")
     script("<think></think>fine<|im_end|>")
     monkeypatch.setattr(scripted_engine.session, "feed", broken)
