@@ -25,7 +25,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
 
-from kimi_desktop.chat import ChatRequestError, ChatResult, ContentDelta, ReasoningDelta, Sampling, ToolCallDelta
+from kimi_desktop.chat import (ChatRequestError, ChatResult, ContentDelta, PrefillProgress, ReasoningDelta, Sampling,
+                               ToolCallDelta)
 from kimi_desktop.context_fit import drop_oldest_turns, fit_context
 from kimi_desktop.conversations import ConversationStore, Message, StreamWriter
 from kimi_desktop.live_stats import LiveStats
@@ -77,6 +78,7 @@ class Controller(QObject):
     answerUpdated = Signal(int)         # messages[index] (the streaming answer) changed
     answerFinished = Signal(int, str)   # index, finish reason (stop, length, tool_calls, cancelled, error)
     busyChanged = Signal(bool)
+    prefillProgress = Signal(int, int)  # prompt tokens read / to read; (0, 0): hide the bar
     contextOverflow = Signal(dict)      # {"prompt_tokens", "context", "reserve"}: ask, then resolve_overflow()
     notice = Signal(str)                # a one-line message for the user
     statusChanged = Signal(dict)        # live figures (kimi_desktop.live_stats)
@@ -441,9 +443,16 @@ class Controller(QObject):
             if isinstance(item, StreamEnd):
                 end = item
                 break
+            if isinstance(item, PrefillProgress):
+                turn.prefilling = True
+                self.prefillProgress.emit(item.done, item.total)
+                continue
             r.add(item)
             if isinstance(item, (ContentDelta, ReasoningDelta, ToolCallDelta)):
                 self.live.token()
+                if getattr(turn, "prefilling", False):     # the first text: the prompt is read
+                    turn.prefilling = False
+                    self.prefillProgress.emit(0, 0)
         turn.writer.update(content=r.content, reasoning=r.reasoning, tool_calls=_calls(r))
         if end is not None:
             self._finish(turn, end.error)
@@ -465,6 +474,7 @@ class Controller(QObject):
 
     def _finish(self, turn: _Turn, error: BaseException | None) -> None:
         r = turn.result
+        self.prefillProgress.emit(0, 0)         # finish, error and cancel all end here
         reason = r.finish_reason or "stop"
         if error is not None:
             reason = "error"

@@ -211,6 +211,7 @@ class MainWindow(QMainWindow):
         c.answerFinished.connect(self._finished)
         c.busyChanged.connect(lambda busy: self.send_button.setText("Stop" if busy else "Send"))
         c.statusChanged.connect(self.status.show_status)
+        c.prefillProgress.connect(self.status.show_prefill)
         c.notice.connect(self.show_notice)
         c.modelChanged.connect(self._model_changed)
         c.modelLoading.connect(self._loading)

@@ -8,7 +8,9 @@ from collections import deque
 
 from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QColor, QPainter, QPainterPath, QPen
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QSizePolicy, QWidget
+
+from kimi_desktop import kv_store
 
 from .theme import LIGHT, Theme
 
@@ -35,6 +37,8 @@ def format_status(s: dict) -> dict[str, str]:
         "disk": num(s.get("disk_mb_s"), "disk {:.1f} MB/s") if s.get("disk_mb_s") is not None else "disk n/a",
         "ram": f"RAM {_mb(s.get('ram_bytes'))}",
         "ctx": f"context {ctx_used or 0:,} / {ctx:,}" if ctx else "context n/a",
+        "kv": (f"KV {s['kv_sessions']} conv, RAM {_mb(s.get('kv_ram_bytes'))}, disk {_mb(s.get('kv_disk_bytes'))}"
+               if s.get("kv_sessions") is not None else ""),
     }
 
 
@@ -96,7 +100,7 @@ class StatusPanel(QWidget):
         self.model.setObjectName("roleLabel")
         lay.addWidget(self.model)
         self.labels: dict[str, QLabel] = {}
-        for key in ("tok_s", "ttft", "hit", "disk", "ram", "ctx"):
+        for key in ("tok_s", "ttft", "hit", "disk", "ram", "ctx", "kv"):
             lab = QLabel()
             lab.setObjectName({"tok_s": "chartTok", "hit": "chartHit"}.get(key, "muted"))   # the chart's legend
             lab.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Fixed)
@@ -104,8 +108,37 @@ class StatusPanel(QWidget):
             lay.addWidget(lab)
         self.chart = LiveChart(theme)
         lay.addWidget(self.chart)
+        self.prefill = QProgressBar()           # shown only while a long prompt is being read
+        self.prefill.setFixedWidth(320)
+        self.prefill.setFormat("Reading the prompt: %v / %m tokens")
+        self.prefill.hide()
+        lay.addWidget(self.prefill)
         lay.addStretch(1)
+        self.clear_kv = QPushButton("Clear saved KV cache")
+        self.clear_kv.setToolTip("delete the conversations' saved KV files (they are rebuilt when needed)")
+        self.clear_kv.clicked.connect(self.clear_saved_kv)
+        lay.addWidget(self.clear_kv)
+        self.kv_message = QLabel()
+        self.kv_message.setObjectName("muted")
+        lay.addWidget(self.kv_message)
         self.show_status({})
+
+    def show_prefill(self, done: int, total: int) -> None:
+        """(done, total) prompt tokens; total 0 hides the bar (first text, finish, error, cancel)."""
+        if total <= 0:
+            self.prefill.hide()
+            return
+        self.prefill.setRange(0, total)
+        self.prefill.setValue(min(done, total))
+        self.prefill.show()
+
+    def clear_saved_kv(self) -> None:
+        try:
+            freed = kv_store.clear_kv_cache()
+        except OSError as e:                    # a locked or vanished file: say so, keep the app up
+            self.kv_message.setText(f"Could not clear the KV cache: {e}")
+            return
+        self.kv_message.setText(f"Freed {freed / 2**20:.1f} MiB")
 
     def set_theme(self, theme: Theme) -> None:
         self.chart.theme = theme
@@ -114,6 +147,7 @@ class StatusPanel(QWidget):
     def show_status(self, s: dict) -> None:
         for key, text in format_status(s).items():
             self.labels[key].setText(text)
+        self.labels["kv"].setVisible(bool(self.labels["kv"].text()))
         label = s.get("model_label")
         self.model.setText(label or "no model")
         mode = s.get("expert_cache_mode")
