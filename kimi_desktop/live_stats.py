@@ -99,5 +99,7 @@ class LiveStats:
                 ram = None
         out["ram_bytes"] = ram if ram is not None else st.get("resident_bytes")
         out["expert_cache_mode"] = st.get("expert_cache_mode")
+        # the KV session pool and the disk store, for the status row (None where the engine keeps none)
+        out.update({k: st.get(k) for k in ("kv_sessions", "kv_ram_bytes", "kv_disk_bytes")})
         self._last_t, self._last_tokens = now, self._tokens
         return out
